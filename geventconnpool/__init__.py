@@ -1,0 +1,22 @@
+"""geventconnpool: a pool of open, initialised TCP connections for gevent programs.
+
+Subclass :class:`ConnectionPool`, override ``_new_connection``, and borrow
+connections with ``with pool.get() as c:``; wrap operations in :func:`retry` to
+run them again on a fresh connection when the network fails.
+"""
+
+from geventconnpool._version import __version__
+from geventconnpool.errors import PoolClosed, PoolError, PoolTimeout, PoolUnavailable
+from geventconnpool.pool import ConnectionPool, PoolStats
+from geventconnpool.retry import retry
+
+__all__ = [
+    "ConnectionPool",
+    "PoolClosed",
+    "PoolError",
+    "PoolStats",
+    "PoolTimeout",
+    "PoolUnavailable",
+    "__version__",
+    "retry",
+]

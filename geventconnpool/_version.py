@@ -1,0 +1,3 @@
+"""The single place that holds the package's version."""
+
+__version__ = "1.0.0"

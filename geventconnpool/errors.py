@@ -1,0 +1,31 @@
+"""The exceptions raised by :mod:`geventconnpool`.
+
+Every one of them derives from :class:`PoolError`, and each leaf also derives
+from the builtin exception that callers already catch for the same condition.
+"""
+
+__all__ = ["PoolClosed", "PoolError", "PoolTimeout", "PoolUnavailable"]
+
+
+class PoolError(Exception):
+    """Base class of every error raised by a :class:`~geventconnpool.ConnectionPool`."""
+
+    __module__ = "geventconnpool"
+
+
+class PoolTimeout(PoolError, TimeoutError):
+    """No connection became free within the timeout of :meth:`~geventconnpool.ConnectionPool.get`."""
+
+    __module__ = "geventconnpool"
+
+
+class PoolClosed(PoolError):
+    """The pool was closed: it lends no more connections."""
+
+    __module__ = "geventconnpool"
+
+
+class PoolUnavailable(PoolError, ConnectionError):
+    """The remote end is unreachable and the pool was made with ``fail_fast=True``."""
+
+    __module__ = "geventconnpool"

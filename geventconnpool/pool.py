@@ -1,0 +1,787 @@
+"""The :class:`ConnectionPool`: a fixed number of open connections, lent to greenlets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Any, Callable, Deque, Generic, Optional, Set, Type, TypeVar
+
+import gevent
+from gevent.event import AsyncResult, Event
+from gevent.monkey import get_original
+
+from geventconnpool._backoff import backoff_delay
+from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
+from geventconnpool.retry import ExcClasses, exception_classes
+
+__all__ = ["ConnectionPool", "PoolStats"]
+
+logger = logging.getLogger("geventconnpool")
+
+C = TypeVar("C")
+
+# The real thread id, even under gevent.monkey.patch_all() (which makes
+# threading.get_ident() return a greenlet's id).
+_thread_ident: Callable[[], int] = get_original("_thread", "get_ident")
+_now = time.monotonic
+_pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
+
+    While the pool is open, ``idle + in_use + connecting == size``.
+    """
+
+    __module__ = "geventconnpool"
+
+    size: int
+    """How many connections the pool keeps."""
+    idle: int
+    """Open connections ready to be lent."""
+    in_use: int
+    """Connections held by callers, or by a keepalive or ``check_after`` check."""
+    connecting: int
+    """Connections being opened, or waiting to retry after a failed attempt."""
+    waiting: int
+    """Callers blocked in :meth:`ConnectionPool.get`."""
+    checkouts: int
+    """Connections lent since the pool was made."""
+    opened: int
+    """Connections opened since the pool was made."""
+    failed_connects: int
+    """Failed calls of ``_new_connection`` (errors, ``None``, ``connect_timeout``)."""
+    discarded: int
+    """Connections closed because they broke (in a caller's block or in a check)."""
+    recycled: int
+    """Connections closed because they reached ``max_lifetime``."""
+    keepalive_failures: int
+    """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
+    timeouts: int
+    """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
+
+
+class _Entry:
+    """One open connection and what the pool knows of it."""
+
+    __slots__ = ("conn", "expires_at", "generation", "idle_since", "lent_at", "lent_from", "lent_line")
+
+    def __init__(self, conn: Any, generation: int, expires_at: float) -> None:
+        self.conn = conn
+        self.generation = generation
+        self.expires_at = expires_at
+        self.idle_since = _now()
+        self.lent_at = 0.0
+        self.lent_from: Optional[FrameType] = None
+        self.lent_line = 0
+
+
+class _Lease(Generic[C]):
+    """The context manager returned by :meth:`ConnectionPool.get`: the fast path, every feature off."""
+
+    __slots__ = ("_entry", "_pool", "_timeout")
+
+    def __init__(self, pool: ConnectionPool[C], timeout: Optional[float]) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def __enter__(self) -> C:
+        pool = self._pool
+        if pool._idle and pool._thread == _thread_ident():
+            entry = pool._idle.pop()
+            pool._in_use += 1
+            pool._checkouts += 1
+        else:
+            entry = pool._acquire(self._timeout)
+        self._entry = entry
+        return entry.conn  # type: ignore[no-any-return]
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        pool = self._pool
+        entry = self._entry
+        del self._entry
+        if exc_type is not None and (
+            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
+        ):
+            pool._discard(entry, exc)
+        elif pool._waiters or pool._closed or entry.generation != pool._generation:
+            pool._release(entry)
+        else:
+            pool._idle.append(entry)
+            pool._in_use -= 1
+
+
+class _CheckedLease(_Lease[C]):
+    """The context manager of a pool with ``keepalive``, ``max_lifetime``, ``check_after`` or ``leak_warning``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> C:
+        entry = self._entry = self._pool._acquire(self._timeout, sys._getframe(1))
+        return entry.conn  # type: ignore[no-any-return]
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        pool = self._pool
+        entry = self._entry
+        del self._entry
+        entry.lent_from = None
+        if exc_type is not None and (
+            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
+        ):
+            pool._discard(entry, exc)
+        else:
+            pool._release(entry)
+
+
+class ConnectionPool(Generic[C]):
+    """A pool that keeps ``size`` connections open and lends them to greenlets.
+
+    Subclass it and override :meth:`_new_connection`; the pool starts opening
+    all ``size`` connections in the background as soon as it is made, and
+    replaces each one that breaks.  Borrow a connection with
+    ``with pool.get() as c:``.
+
+    :param size: how many connections to keep open, an int >= 1.
+    :param exc_classes: an exception class, or a tuple of them, meaning "this
+        connection is broken": raised inside ``with pool.get()`` or by
+        :meth:`_keepalive`, it makes the pool close the connection and open
+        another.  Any other :exc:`Exception` leaves the connection in the pool.
+    :param keepalive: seconds; when set, every connection idle that long is
+        checked with :meth:`_keepalive`, which must then be overridden.
+    :param timeout: seconds :meth:`get` waits for a free connection before it
+        raises :class:`~geventconnpool.PoolTimeout`; ``None`` waits for ever.
+    :param connect_timeout: seconds allowed to each call of
+        :meth:`_new_connection` and of :meth:`_keepalive`; ``None`` for no limit.
+    :param max_lifetime: seconds; a connection older than a lifetime drawn
+        between 90% and 100% of it is closed and replaced when idle or when it
+        comes back.  ``None`` keeps connections for ever.
+    :param check_after: seconds; a connection idle at least that long is
+        checked with :meth:`_keepalive` inside :meth:`get` before it is lent.
+    :param leak_warning: seconds; a connection held longer than that logs one
+        warning with the stack of the :meth:`get` call that took it.
+    :param fail_fast: when true, :meth:`get` raises
+        :class:`~geventconnpool.PoolUnavailable` at once while no connection is
+        open and the last attempt to open one failed.
+    :param name: the name shown in logs, errors and ``repr``; by default the
+        class name and a number.
+    :raises TypeError: an argument has the wrong type, or a hook the options
+        need is not overridden.
+    :raises ValueError: a number is out of range.
+
+    .. versionchanged:: 1.0
+       Added the keyword-only arguments; connections open in parallel at once.
+    """
+
+    #: Seconds before the first new attempt after a failed connect; it doubles
+    #: after each failure of the same slot, up to :attr:`RECONNECT_MAX_DELAY`.
+    RECONNECT_DELAY = 0.1
+    #: The longest wait between two attempts to open a connection, in seconds.
+    RECONNECT_MAX_DELAY = 10.0
+
+    _counter = 0
+
+    # The pool's invariant: while it is open, every one of the `size` slots is
+    # exactly one of idle (an entry in `_idle`), in use (held by a caller or a
+    # check: `_in_use`) or connecting (`_connecting`).  Only the helpers
+    # `_open_slot`, `_add`, `_release` and `_forget` move a slot between them.
+
+    def __init__(
+        self,
+        size: int,
+        exc_classes: ExcClasses = (OSError,),
+        keepalive: Optional[float] = None,
+        *,
+        timeout: Optional[float] = 30.0,
+        connect_timeout: Optional[float] = 10.0,
+        max_lifetime: Optional[float] = None,
+        check_after: Optional[float] = None,
+        leak_warning: Optional[float] = None,
+        fail_fast: bool = False,
+        name: Optional[str] = None,
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"size must be an int, not {size!r}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, not {size!r}")
+        self._exc_classes = exception_classes(exc_classes, "exc_classes")
+        self.keepalive = _seconds(keepalive, "keepalive")
+        self.timeout = _seconds(timeout, "timeout")
+        self.connect_timeout = _seconds(connect_timeout, "connect_timeout")
+        self.max_lifetime = _seconds(max_lifetime, "max_lifetime")
+        self.check_after = _seconds(check_after, "check_after")
+        self.leak_warning = _seconds(leak_warning, "leak_warning")
+        if not isinstance(fail_fast, bool):
+            raise TypeError(f"fail_fast must be a bool, not {fail_fast!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, not {name!r}")
+        cls = type(self)
+        if cls._new_connection is ConnectionPool._new_connection:
+            raise TypeError(f"{cls.__name__} must override _new_connection() to open a connection")
+        needs_check = [arg for arg in ("keepalive", "check_after") if getattr(self, arg) is not None]
+        if needs_check and cls._keepalive is ConnectionPool._keepalive:
+            raise TypeError(f"{cls.__name__} must override _keepalive() to use {needs_check[0]}=")
+        ConnectionPool._counter += 1
+        self.size = size
+        self.fail_fast = fail_fast
+        self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
+
+        self._idle: Deque[_Entry] = deque()  # most recently returned on the right
+        self._waiters: Deque[AsyncResult] = deque()  # first come, first served
+        self._in_use = 0
+        self._connecting = 0
+        self._closed = False
+        self._generation = 0  # bumped in a child process after fork()
+        self._thread = _thread_ident()
+        self._pid = os.getpid()
+        self._greenlets: Set[gevent.Greenlet] = set()
+        self._entries: Set[_Entry] = set()  # every open connection, idle or in use
+        self._last_error: Optional[BaseException] = None
+        self._failure_streak = 0
+        self._reconnected = Event()
+        self._reset_counters()
+        self._maintained = any(
+            value is not None for value in (self.keepalive, self.max_lifetime, self.leak_warning)
+        )
+        self._lease = _CheckedLease if self._maintained or self.check_after is not None else _Lease
+        _pools.add(self)
+        self._start()
+
+    # -- the subclass API ----------------------------------------------------
+
+    def _new_connection(self) -> C:
+        """Open, initialise and return a new connection; override it.
+
+        It runs in a background greenlet, under ``connect_timeout``.  Any
+        :exc:`Exception`, or a ``None`` result, is a failed attempt: the pool
+        tries again later, with exponential backoff.  The result is a black
+        box to the pool: a socket, an SSL socket, an IMAP client, a table...
+        """
+        raise NotImplementedError
+
+    def _keepalive(self, c: C) -> None:
+        """Check that the idle connection ``c`` still works; override it to use
+        ``keepalive`` or ``check_after``.
+
+        Raise one of the pool's ``exc_classes`` when ``c`` is broken: the pool
+        then discards it and opens another.  It runs under ``connect_timeout``.
+        """
+        raise NotImplementedError
+
+    def _close_connection(self, c: C) -> None:
+        """Close the connection ``c``, which the pool is dropping.
+
+        The default calls ``c.close()`` when ``c`` has one.  Errors raised here
+        are logged at DEBUG and otherwise ignored.
+        """
+        close = getattr(c, "close", None)
+        if close is not None:
+            close()
+
+    # -- the public API -------------------------------------------------------
+
+    def get(self, timeout: Optional[float] = None) -> _Lease[C]:
+        """Borrow a connection: ``with pool.get() as c:``.
+
+        The connection is yours alone until the block ends.  If the block
+        raises one of ``exc_classes`` (or a :exc:`BaseException` that is not an
+        :exc:`Exception`, such as :class:`gevent.Timeout`), the connection is
+        closed and replaced in the background; otherwise it goes back to the
+        pool.  The exception propagates unchanged either way.
+
+        :param timeout: seconds to wait for a free connection; ``None`` uses the
+            pool's ``timeout``, ``0`` takes only a connection that is idle now.
+        :raises PoolTimeout: no connection became free in time.
+        :raises PoolClosed: the pool is closed.
+        :raises PoolUnavailable: ``fail_fast`` is on and the remote is down.
+        :raises RuntimeError: called from a thread other than the pool's.
+
+        .. versionchanged:: 1.0
+           Added ``timeout``; waiters are served first come, first served.
+        """
+        if timeout is not None:
+            _seconds(timeout, "timeout", zero=True)
+        return self._lease(self, timeout)
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until all ``size`` connections are open.
+
+        :param timeout: seconds to wait at most; ``None`` waits for ever.
+        :raises PoolTimeout: the pool did not fill in time.
+        :raises PoolClosed: the pool is closed.
+
+        .. versionadded:: 1.0
+        """
+        limit = _seconds(timeout, "timeout", zero=True)
+        self._check_caller()
+        deadline = math.inf if limit is None else _now() + limit
+        while len(self._entries) < self.size:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            remaining = deadline - _now()
+            if remaining <= 0:
+                raise self._timeout_error(f"did not open all {self.size} connections within {limit} s")
+            gevent.sleep(min(remaining, 0.01))
+
+    def close(self) -> None:
+        """Close the pool; calling it again does nothing.
+
+        It stops the pool's background greenlets, closes the idle connections,
+        wakes every waiter with :class:`~geventconnpool.PoolClosed`, and closes
+        each connection still held when it comes back.
+
+        .. versionadded:: 1.0
+        """
+        if self._closed:
+            return
+        self._closed = True
+        closed_error = PoolClosed(f"pool {self.name!r} is closed")
+        while self._waiters:
+            self._waiters.popleft().set(closed_error)
+        idle = list(self._idle)
+        self._idle.clear()
+        for entry in idle:
+            self._entries.discard(entry)
+        background = [g for g in self._greenlets if g is not gevent.getcurrent()]
+        # Everything is decided; the I/O below may switch greenlets.
+        gevent.killall(background, block=True)
+        self._connecting = 0
+        for entry in idle:
+            self._close_quietly(entry.conn)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called.
+
+        .. versionadded:: 1.0
+        """
+        return self._closed
+
+    def stats(self) -> PoolStats:
+        """Return a :class:`PoolStats` snapshot of the gauges and counters.
+
+        .. versionadded:: 1.0
+        """
+        return PoolStats(
+            size=self.size,
+            idle=len(self._idle),
+            in_use=self._in_use,
+            connecting=self._connecting,
+            waiting=len(self._waiters),
+            checkouts=self._checkouts,
+            opened=self._opened,
+            failed_connects=self._failed_connects,
+            discarded=self._discarded,
+            recycled=self._recycled,
+            keepalive_failures=self._keepalive_failures,
+            timeouts=self._timeouts,
+        )
+
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<{type(self).__name__} {self.name!r} {state} size={self.size} idle={len(self._idle)}"
+            f" in_use={self._in_use} connecting={self._connecting} waiting={len(self._waiters)}>"
+        )
+
+    # -- lending ------------------------------------------------------------------
+
+    def _check_caller(self) -> None:
+        if self._thread != _thread_ident():
+            raise RuntimeError(
+                f"pool {self.name!r} belongs to the gevent hub of the thread that made it; "
+                "use it from that thread only"
+            )
+        if self._pid != os.getpid():
+            self._start_in_child()
+
+    def _acquire(self, timeout: Optional[float], caller: Optional[FrameType] = None) -> _Entry:
+        """Take a connection for a caller: the general path of :meth:`get`."""
+        self._check_caller()
+        limit = self.timeout if timeout is None else timeout
+        deadline = math.inf if limit is None else _now() + limit
+        while True:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            if self._idle and not self._waiters:
+                entry = self._idle.pop()
+                self._in_use += 1
+                if self._passes_check(entry):
+                    break
+                continue
+            if self.fail_fast and self._unavailable():
+                raise PoolUnavailable(
+                    f"pool {self.name!r} cannot reach its remote end: {self._last_error!r}"
+                ) from self._last_error
+            entry = self._wait_for_entry(deadline, limit)
+            if self._passes_check(entry):
+                break
+        self._checkouts += 1
+        if self.leak_warning is not None:
+            entry.lent_at = _now()
+            entry.lent_from = caller
+            entry.lent_line = caller.f_lineno if caller is not None else 0
+        return entry
+
+    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> _Entry:
+        waiter = AsyncResult()
+        self._waiters.append(waiter)
+        try:
+            remaining = deadline - _now()
+            waiter.wait(None if remaining == math.inf else max(remaining, 0.0))  # switches
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if not waiter.ready():
+            self._waiters.remove(waiter)
+            self._timeouts += 1
+            raise self._timeout_error(f"no connection became free within {limit} s")
+        result = waiter.value
+        if isinstance(result, BaseException):
+            raise type(result)(*result.args) from result.__cause__
+        return result  # type: ignore[no-any-return]
+
+    def _abandon(self, waiter: AsyncResult) -> None:
+        """A waiter was interrupted: give back what it was handed, or leave the queue."""
+        if waiter.ready():
+            if isinstance(waiter.value, _Entry):
+                self._release(waiter.value)
+        else:
+            self._waiters.remove(waiter)
+
+    def _timeout_error(self, what: str) -> PoolTimeout:
+        s = self.stats()
+        message = (
+            f"pool {self.name!r} {what} (size={s.size}, idle={s.idle}, in_use={s.in_use},"
+            f" connecting={s.connecting}, waiting={s.waiting})"
+        )
+        cause = self._last_error
+        if cause is not None:
+            message += f"; last connect error: {cause!r}"
+        error = PoolTimeout(message)
+        error.__cause__ = cause
+        error.__suppress_context__ = True
+        return error
+
+    def _unavailable(self) -> bool:
+        return self._last_error is not None and not self._entries
+
+    def _passes_check(self, entry: _Entry) -> bool:
+        """Run the ``check_after`` check on an entry taken for a caller."""
+        if self.check_after is None or _now() - entry.idle_since < self.check_after:
+            return True
+        return self._check(entry)
+
+    def _check(self, entry: _Entry) -> bool:
+        """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails."""
+        try:
+            with gevent.Timeout(self.connect_timeout, TimeoutError("_keepalive() exceeded connect_timeout")):
+                self._keepalive(entry.conn)  # switches
+        except self._exc_classes + (TimeoutError,) as error:
+            self._keepalive_failures += 1
+            logger.warning("pool %r: keepalive check failed, discarding the connection: %r", self.name, error)
+            self._discard(entry, error)
+            return False
+        except Exception as error:
+            self._keepalive_failures += 1
+            logger.warning(
+                "pool %r: _keepalive() raised %r, which is not in exc_classes; discarding the connection",
+                self.name,
+                error,
+                exc_info=True,
+            )
+            self._discard(entry, error)
+            return False
+        except BaseException as error:
+            self._discard(entry, error)
+            raise
+        entry.idle_since = _now()
+        return True
+
+    # -- moving slots between idle, in use and connecting ---------------------
+
+    def _release(self, entry: _Entry) -> None:
+        """A held entry comes back: lend it to the first waiter, keep it idle, or drop it."""
+        if entry.generation != self._generation:
+            return  # opened by the parent process before fork(): never used here
+        if self._closed:
+            self._in_use -= 1
+            self._entries.discard(entry)
+            self._close_quietly(entry.conn)
+            return
+        now = _now()
+        if now >= entry.expires_at:
+            self._recycled += 1
+            logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
+            self._forget(entry)
+            return
+        entry.idle_since = now
+        if self._waiters:
+            self._waiters.popleft().set(entry)
+        else:
+            self._in_use -= 1
+            self._idle.append(entry)
+
+    def _discard(self, entry: _Entry, error: Optional[BaseException]) -> None:
+        """A held entry is broken: close it and open a replacement."""
+        if entry.generation != self._generation:
+            return
+        if not self._closed:
+            self._discarded += 1
+            logger.debug("pool %r: discarding a connection after %r", self.name, error)
+        self._forget(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        """Close a held entry and, unless the pool is closed, start opening its replacement."""
+        self._in_use -= 1
+        self._entries.discard(entry)
+        if not self._closed:
+            self._open_slot()
+        self._close_quietly(entry.conn)  # switches
+
+    def _close_quietly(self, conn: C) -> None:
+        try:
+            self._close_connection(conn)
+        except Exception:
+            logger.debug("pool %r: _close_connection() failed", self.name, exc_info=True)
+
+    def _add(self, conn: C) -> None:
+        """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
+        lifetime = math.inf if self.max_lifetime is None else self.max_lifetime * random.uniform(0.9, 1.0)
+        entry = _Entry(conn, self._generation, _now() + lifetime)
+        self._connecting -= 1
+        self._opened += 1
+        self._entries.add(entry)
+        if self._waiters:
+            self._in_use += 1
+            self._waiters.popleft().set(entry)
+        else:
+            self._idle.append(entry)
+
+    def _open_slot(self) -> None:
+        self._connecting += 1
+        self._spawn(f"connect-{self._opened + self._connecting}", _connect_loop, self._generation)
+
+    # -- background work ------------------------------------------------------
+
+    def _start(self) -> None:
+        for _ in range(self.size):
+            self._open_slot()
+        if self._maintained:
+            self._spawn("maintenance", _maintenance_loop, self._generation)
+
+    def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None:
+        greenlet = gevent.spawn(loop, weakref.ref(self), *args)
+        greenlet.name = f"geventconnpool {self.name} {what}"
+        self._greenlets.add(greenlet)
+        greenlet.link(self._greenlets.discard)
+
+    def _connect_once(self, attempt: int, generation: int) -> Optional[float]:
+        """Try once to open a connection for a slot; return the wait before the next try, or None when done."""
+        error: BaseException
+        try:
+            with gevent.Timeout(
+                self.connect_timeout,
+                TimeoutError(f"_new_connection() exceeded connect_timeout={self.connect_timeout}"),
+            ):
+                conn = self._new_connection()  # switches
+        except Exception as exc:
+            error = exc
+        else:
+            if generation != self._generation:
+                return None  # the process forked meanwhile: this one belongs to the parent
+            if conn is not None:
+                if self._closed:
+                    self._connecting -= 1
+                    self._close_quietly(conn)
+                    return None
+                self._add(conn)
+                if self._failure_streak:
+                    logger.info(
+                        "pool %r: connected again after %d failed attempts", self.name, self._failure_streak
+                    )
+                    self._failure_streak = 0
+                    self._last_error = None
+                    self._reconnected.set()
+                    self._reconnected = Event()
+                return None
+            error = TypeError("_new_connection() returned None")
+        if self._closed or generation != self._generation:
+            self._connecting -= generation == self._generation
+            return None
+        self._failed_connects += 1
+        self._failure_streak += 1
+        self._last_error = error
+        log = logger.warning if self._failure_streak == 1 else logger.debug
+        log("pool %r: failed to open a connection, retrying: %r", self.name, error)
+        if self.fail_fast and self._unavailable():
+            unavailable = PoolUnavailable(f"pool {self.name!r} cannot reach its remote end: {error!r}")
+            unavailable.__cause__ = error
+            while self._waiters:
+                self._waiters.popleft().set(unavailable)
+        return backoff_delay(
+            attempt, initial=self.RECONNECT_DELAY, factor=2.0, cap=self.RECONNECT_MAX_DELAY, jitter=0.5
+        )
+
+    def _maintain(self) -> float:
+        """Recycle, ping and watch connections; return the seconds until there is work again."""
+        now = _now()
+        period = min(p for p in (self.keepalive, self.max_lifetime, self.leak_warning) if p is not None)
+        wake_at = now + period
+        if self.max_lifetime is not None:
+            for entry in [e for e in self._idle if e.expires_at <= now]:
+                self._idle.remove(entry)
+                self._in_use += 1
+                self._recycled += 1
+                self._forget(entry)
+            wake_at = min([wake_at] + [e.expires_at for e in self._idle])
+        if self.keepalive is not None:
+            while self._idle and now - self._idle[0].idle_since >= self.keepalive:
+                entry = self._idle.popleft()
+                self._in_use += 1
+                self._spawn("keepalive", _keepalive_check, entry)
+            if self._idle:
+                wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
+        if self.leak_warning is not None:
+            for entry in list(self._entries):
+                if entry.lent_from is None:
+                    continue
+                if now - entry.lent_at >= self.leak_warning:
+                    self._warn_leak(entry, now)
+                else:
+                    wake_at = min(wake_at, entry.lent_at + self.leak_warning)
+        return max(wake_at - now, 0.001)
+
+    def _warn_leak(self, entry: _Entry, now: float) -> None:
+        frame = entry.lent_from
+        entry.lent_from = None  # one warning per loan
+        stack = traceback.StackSummary.extract(traceback.walk_stack(frame))
+        stack.reverse()
+        if stack:
+            last = stack[-1]
+            stack[-1] = traceback.FrameSummary(last.filename, entry.lent_line, last.name)
+        logger.warning(
+            "pool %r: a connection has been held for %.1f s (leak_warning=%s); it was taken at:\n%s",
+            self.name,
+            now - entry.lent_at,
+            self.leak_warning,
+            "".join(stack.format()).rstrip(),
+        )
+
+    def _reset_counters(self) -> None:
+        self._checkouts = self._opened = self._failed_connects = self._discarded = 0
+        self._recycled = self._keepalive_failures = self._timeouts = 0
+
+    def _drop_after_fork(self) -> None:
+        """In a child process: forget the parent's connections, without closing them."""
+        self._generation += 1
+        self._idle.clear()
+        self._entries.clear()
+        self._in_use = 0
+        self._connecting = self.size  # reopened by the child's first call
+        self._pid = -1
+
+    def _start_in_child(self) -> None:
+        """In a child process: stop the parent's greenlets and open connections of our own."""
+        self._pid = os.getpid()
+        inherited = list(self._greenlets)
+        self._greenlets.clear()
+        gevent.killall(inherited, block=False)
+        self._reset_counters()
+        self._last_error = None
+        self._failure_streak = 0
+        self._reconnected = Event()
+        self._connecting = 0
+        if not self._closed:
+            self._start()
+
+
+_P = TypeVar("_P", bound=ConnectionPool[Any])
+
+
+def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float]:
+    """Check a duration argument: None or a positive number (or zero, where allowed)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{argument} must be a number of seconds or None, not {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ValueError(f"{argument} must be {'>= 0' if zero else '> 0'} seconds or None, not {value!r}")
+    return float(value)
+
+
+# The background greenlets hold the pool by weak reference only, so that a pool
+# nobody uses any more can be garbage collected; they stop when it is.
+
+
+def _connect_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
+    attempt = 0
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._generation != generation:
+            return
+        attempt += 1
+        try:
+            wait = pool._connect_once(attempt, generation)
+        except Exception:
+            logger.exception("pool %r: unexpected error while connecting", pool.name)
+            wait = pool.RECONNECT_MAX_DELAY
+        if wait is None:
+            return
+        reconnected = pool._reconnected
+        del pool
+        reconnected.wait(wait)  # another slot connecting again ends the backoff
+
+
+def _maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._generation != generation or pool._closed:
+            return
+        try:
+            wait = pool._maintain()
+        except Exception:
+            logger.exception("pool %r: unexpected error in maintenance", pool.name)
+            wait = 1.0
+        del pool
+        gevent.sleep(wait)
+
+
+def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry) -> None:
+    pool = pool_ref()
+    if pool is not None and pool._check(entry):
+        pool._release(entry)
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._drop_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,169 @@
+"""Helpers shared by the tests: waiting on conditions, counting resources, a real line server."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Callable, List, Optional, Set, Tuple
+
+import gevent
+import greenlet
+from gevent import socket
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from geventconnpool import ConnectionPool
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 5.0,
+    interval: float = 0.002,
+    message: Optional[Callable[[], str]] = None,
+) -> None:
+    """Yield to other greenlets until ``predicate()`` is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            detail = message() if message else getattr(predicate, "__name__", "condition")
+            raise AssertionError(f"not true within {timeout} s: {detail}")
+        gevent.sleep(interval)
+
+
+def open_fds() -> Set[str]:
+    """The process's open file descriptors, as /proc/self/fd names them (with their targets)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass  # the descriptor used by listdir itself
+    return found
+
+
+def pool_greenlets() -> Set[greenlet.greenlet]:
+    """The live greenlets started by any pool (their names start with 'geventconnpool')."""
+    return {
+        g
+        for g in gc.get_objects()
+        if isinstance(g, gevent.Greenlet)
+        and not g.dead
+        and str(getattr(g, "name", "")).startswith("geventconnpool")
+    }
+
+
+class LineServer:
+    """A real TCP server on 127.0.0.1 speaking a line protocol, with what a test needs to watch and break it.
+
+    Commands, one per line: ``PING`` answers ``PONG``; ``ECHO x`` answers ``x``;
+    ``WHO`` answers the client's port; ``QUIT`` closes the connection; anything
+    else is echoed back.  The server counts the connections it accepted and
+    those that ended, can be stopped and started again on the same port, and
+    can cut every open connection.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self.accepted = 0
+        self.closed = 0
+        self.open: Set[socket.socket] = set()
+        self.peers: List[Tuple[str, int]] = []
+        self.commands: List[bytes] = []
+        self.stalled = Event()
+        self.stalled.set()  # set: answering; clear: replies are held back
+        self._server: Optional[StreamServer] = None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self.port = listener.getsockname()[1]
+        self._server = StreamServer(listener, self._handle)
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.cut_all()
+
+    def cut_all(self) -> None:
+        """Close every open connection from the server side."""
+        for sock in list(self.open):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def _handle(self, sock: socket.socket, address: Tuple[str, int]) -> None:
+        self.accepted += 1
+        self.open.add(sock)
+        self.peers.append(address)
+        try:
+            reader = sock.makefile("rb")
+            for line in reader:
+                self.commands.append(line)
+                self.stalled.wait()
+                command = line.rstrip(b"\r\n")
+                if command == b"PING":
+                    reply = b"PONG"
+                elif command.startswith(b"ECHO "):
+                    reply = command[5:]
+                elif command == b"WHO":
+                    reply = str(address[1]).encode()
+                elif command == b"QUIT":
+                    break
+                else:
+                    reply = command
+                sock.sendall(reply + b"\n")
+        except OSError:
+            pass
+        finally:
+            self.open.discard(sock)
+            self.closed += 1
+            sock.close()
+
+
+class LinePool(ConnectionPool[socket.socket]):
+    """A pool of plain sockets to a :class:`LineServer`, with a PING keepalive."""
+
+    def __init__(self, server: LineServer, size: int, *args: object, **kwargs: object) -> None:
+        self.server_address = server.address
+        super().__init__(size, *args, **kwargs)  # type: ignore[arg-type]
+
+    def _new_connection(self) -> socket.socket:
+        return socket.create_connection(self.server_address, timeout=5)
+
+    def _keepalive(self, c: socket.socket) -> None:
+        c.sendall(b"PING\n")
+        if recv_line(c) != b"PONG":
+            raise OSError("keepalive: no PONG")
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    """Read one reply line from ``sock``; raise ConnectionError if the peer closed."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data[:-1]
+
+
+def request(pool: ConnectionPool[socket.socket], command: bytes) -> bytes:
+    """Send one command on a pooled connection and return the reply line."""
+    with pool.get() as c:
+        c.sendall(command + b"\n")
+        return recv_line(c)
