@@ -13,7 +13,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any, Callable, Deque, Generic, Optional, Set, Type, TypeVar
+from typing import Any, Callable, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -127,7 +127,8 @@ class _Lease(Generic[C]):
 
 
 class _CheckedLease(_Lease[C]):
-    """The context manager of a pool with ``keepalive``, ``max_lifetime``, ``check_after`` or ``leak_warning``."""
+    """The context manager of a pool with any of ``keepalive``, ``max_lifetime``, ``check_after``,
+    ``leak_warning``: every checkout takes the general path."""
 
     __slots__ = ()
 
@@ -224,6 +225,7 @@ class ConnectionPool(Generic[C]):
         if size < 1:
             raise ValueError(f"size must be >= 1, not {size!r}")
         self._exc_classes = exception_classes(exc_classes, "exc_classes")
+        self._check_failures: Tuple[Type[BaseException], ...] = (*self._exc_classes, TimeoutError)
         self.keepalive = _seconds(keepalive, "keepalive")
         self.timeout = _seconds(timeout, "timeout")
         self.connect_timeout = _seconds(connect_timeout, "connect_timeout")
@@ -246,14 +248,14 @@ class ConnectionPool(Generic[C]):
         self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
 
         self._idle: Deque[_Entry] = deque()  # most recently returned on the right
-        self._waiters: Deque[AsyncResult] = deque()  # first come, first served
+        self._waiters: Deque[AsyncResult[Any]] = deque()  # first come, first served
         self._in_use = 0
         self._connecting = 0
         self._closed = False
         self._generation = 0  # bumped in a child process after fork()
         self._thread = _thread_ident()
         self._pid = os.getpid()
-        self._greenlets: Set[gevent.Greenlet] = set()
+        self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         self._entries: Set[_Entry] = set()  # every open connection, idle or in use
         self._last_error: Optional[BaseException] = None
         self._failure_streak = 0
@@ -431,16 +433,17 @@ class ConnectionPool(Generic[C]):
             if self._idle and not self._waiters:
                 entry = self._idle.pop()
                 self._in_use += 1
-                if self._passes_check(entry):
-                    break
-                continue
-            if self.fail_fast and self._unavailable():
-                raise PoolUnavailable(
-                    f"pool {self.name!r} cannot reach its remote end: {self._last_error!r}"
-                ) from self._last_error
-            entry = self._wait_for_entry(deadline, limit)
-            if self._passes_check(entry):
-                break
+            elif self.fail_fast and self._unavailable():
+                raise self._unavailable_error()
+            else:
+                entry = self._wait_for_entry(deadline, limit)  # switches
+            if self.check_after is not None and _now() - entry.idle_since >= self.check_after:
+                if not self._check(entry):  # switches
+                    continue
+                if self._closed:
+                    self._release(entry)
+                    continue
+            break
         self._checkouts += 1
         if self.leak_warning is not None:
             entry.lent_at = _now()
@@ -449,7 +452,7 @@ class ConnectionPool(Generic[C]):
         return entry
 
     def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> _Entry:
-        waiter = AsyncResult()
+        waiter: AsyncResult[Any] = AsyncResult()
         self._waiters.append(waiter)
         try:
             remaining = deadline - _now()
@@ -464,9 +467,10 @@ class ConnectionPool(Generic[C]):
         result = waiter.value
         if isinstance(result, BaseException):
             raise type(result)(*result.args) from result.__cause__
-        return result  # type: ignore[no-any-return]
+        assert isinstance(result, _Entry)
+        return result
 
-    def _abandon(self, waiter: AsyncResult) -> None:
+    def _abandon(self, waiter: AsyncResult[Any]) -> None:
         """A waiter was interrupted: give back what it was handed, or leave the queue."""
         if waiter.ready():
             if isinstance(waiter.value, _Entry):
@@ -489,39 +493,60 @@ class ConnectionPool(Generic[C]):
         return error
 
     def _unavailable(self) -> bool:
+        """Whether no connection is open and the latest attempt to open one failed."""
         return self._last_error is not None and not self._entries
 
-    def _passes_check(self, entry: _Entry) -> bool:
-        """Run the ``check_after`` check on an entry taken for a caller."""
-        if self.check_after is None or _now() - entry.idle_since < self.check_after:
-            return True
-        return self._check(entry)
+    def _unavailable_error(self) -> PoolUnavailable:
+        error = PoolUnavailable(f"pool {self.name!r} cannot reach its remote end: {self._last_error!r}")
+        error.__cause__ = self._last_error
+        error.__suppress_context__ = True
+        return error
 
     def _check(self, entry: _Entry) -> bool:
         """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails."""
         try:
-            with gevent.Timeout(self.connect_timeout, TimeoutError("_keepalive() exceeded connect_timeout")):
-                self._keepalive(entry.conn)  # switches
-        except self._exc_classes + (TimeoutError,) as error:
-            self._keepalive_failures += 1
-            logger.warning("pool %r: keepalive check failed, discarding the connection: %r", self.name, error)
-            self._discard(entry, error)
+            self._bounded("_keepalive()", self._keepalive, entry.conn)  # switches
+        except self._check_failures as error:
+            self._check_failed(entry, error)
             return False
         except Exception as error:
-            self._keepalive_failures += 1
-            logger.warning(
-                "pool %r: _keepalive() raised %r, which is not in exc_classes; discarding the connection",
-                self.name,
-                error,
-                exc_info=True,
-            )
-            self._discard(entry, error)
+            self._check_failed(entry, error, unexpected=True)
             return False
         except BaseException as error:
             self._discard(entry, error)
             raise
         entry.idle_since = _now()
         return True
+
+    def _bounded(self, what: str, hook: Callable[..., Any], *args: Any) -> Any:
+        """Call a subclass hook under ``connect_timeout``, whose expiry raises :exc:`TimeoutError`.
+
+        The timer is a :class:`gevent.Timeout`, a :exc:`BaseException`, so an
+        ``except Exception`` inside the hook cannot swallow it.
+        """
+        timer = gevent.Timeout(self.connect_timeout)
+        timer.start()
+        try:
+            return hook(*args)  # switches
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError(f"{what} exceeded connect_timeout={self.connect_timeout}") from None
+        finally:
+            timer.close()
+
+    def _check_failed(self, entry: _Entry, error: BaseException, unexpected: bool = False) -> None:
+        self._keepalive_failures += 1
+        if unexpected:
+            logger.warning(
+                "pool %r: _keepalive() raised %r, which is not in exc_classes; discarding the connection",
+                self.name,
+                error,
+                exc_info=error,
+            )
+        else:
+            logger.warning("pool %r: keepalive check failed, discarding the connection: %r", self.name, error)
+        self._discard(entry, error)
 
     # -- moving slots between idle, in use and connecting ---------------------
 
@@ -602,14 +627,13 @@ class ConnectionPool(Generic[C]):
         greenlet.link(self._greenlets.discard)
 
     def _connect_once(self, attempt: int, generation: int) -> Optional[float]:
-        """Try once to open a connection for a slot; return the wait before the next try, or None when done."""
+        """Try once to open a connection for a slot.
+
+        Return the seconds to wait before the next try, or None when the slot is done.
+        """
         error: BaseException
         try:
-            with gevent.Timeout(
-                self.connect_timeout,
-                TimeoutError(f"_new_connection() exceeded connect_timeout={self.connect_timeout}"),
-            ):
-                conn = self._new_connection()  # switches
+            conn = self._bounded("_new_connection()", self._new_connection)  # switches
         except Exception as exc:
             error = exc
         else:
@@ -640,8 +664,7 @@ class ConnectionPool(Generic[C]):
         log = logger.warning if self._failure_streak == 1 else logger.debug
         log("pool %r: failed to open a connection, retrying: %r", self.name, error)
         if self.fail_fast and self._unavailable():
-            unavailable = PoolUnavailable(f"pool {self.name!r} cannot reach its remote end: {error!r}")
-            unavailable.__cause__ = error
+            unavailable = self._unavailable_error()
             while self._waiters:
                 self._waiters.popleft().set(unavailable)
         return backoff_delay(

@@ -33,16 +33,17 @@ _MESSAGE_FIELDS = {"f": "function", "e": OSError("error"), "attempt": 1, "wait":
 
 
 def exception_classes(value: object, argument: str) -> Tuple[Type[BaseException], ...]:
-    """Return ``value`` as a tuple of exception classes, or raise :exc:`TypeError` naming ``argument``."""
-    classes = (value,) if isinstance(value, type) else value
-    try:
-        classes = tuple(classes)  # type: ignore[call-overload]
-    except TypeError:
-        classes = (value,)
-    for cls in classes:
-        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+    """Return ``value`` as a tuple of exception classes, or raise :exc:`TypeError` naming ``argument``.
+
+    ``value`` is one exception class, or a tuple, list or set of them.
+    """
+    items = tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
+    classes = []
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
             raise TypeError(f"{argument} must be an exception class or a tuple of them, not {value!r}")
-    return classes
+        classes.append(item)
+    return tuple(classes)
 
 
 def _seconds(value: object, argument: str, *, optional: bool, allow_zero: bool) -> Optional[float]:
