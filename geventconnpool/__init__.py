@@ -9,6 +9,7 @@ from geventconnpool._version import __version__
 from geventconnpool.errors import PoolClosed, PoolError, PoolTimeout, PoolUnavailable
 from geventconnpool.pool import ConnectionPool, PoolStats
 from geventconnpool.retry import retry
+from geventconnpool.tcp_keepalive import enable_tcp_keepalive
 
 __all__ = [
     "ConnectionPool",
@@ -18,5 +19,6 @@ __all__ = [
     "PoolTimeout",
     "PoolUnavailable",
     "__version__",
+    "enable_tcp_keepalive",
     "retry",
 ]
