@@ -71,40 +71,36 @@ class PoolStats:
     """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
 
 
-class _Entry:
-    """One open connection and what the pool knows of it."""
+class _Entry(Generic[C]):
+    """One open connection and what the pool knows of it.
 
-    __slots__ = ("conn", "expires_at", "generation", "idle_since", "lent_at", "lent_from", "lent_line")
+    It is also the context manager that :meth:`ConnectionPool.get` returns
+    (so a checkout allocates nothing): ``__enter__`` gives the connection,
+    ``__exit__`` gives it back.  This class is the fast path, for pools that
+    need no bookkeeping when a connection comes back.
+    """
 
-    def __init__(self, conn: Any, generation: int, expires_at: float) -> None:
+    __slots__ = (
+        "conn",
+        "expires_at",
+        "idle_since",
+        "lent_at",
+        "lent_from",
+        "lent_line",
+        "pool",
+    )
+
+    def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
         self.conn = conn
-        self.generation = generation
+        self.pool = pool
         self.expires_at = expires_at
         self.idle_since = _now()
         self.lent_at = 0.0
         self.lent_from: Optional[FrameType] = None
         self.lent_line = 0
 
-
-class _Lease(Generic[C]):
-    """The context manager returned by :meth:`ConnectionPool.get`: the fast path, every feature off."""
-
-    __slots__ = ("_entry", "_pool", "_timeout")
-
-    def __init__(self, pool: ConnectionPool[C], timeout: Optional[float]) -> None:
-        self._pool = pool
-        self._timeout = timeout
-
     def __enter__(self) -> C:
-        pool = self._pool
-        if pool._idle and pool._thread == _thread_ident():
-            entry = pool._idle.pop()
-            pool._in_use += 1
-            pool._checkouts += 1
-        else:
-            entry = pool._acquire(self._timeout)
-        self._entry = entry
-        return entry.conn  # type: ignore[no-any-return]
+        return self.conn
 
     def __exit__(
         self,
@@ -112,29 +108,45 @@ class _Lease(Generic[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        pool = self._pool
-        entry = self._entry
-        del self._entry
+        pool = self.pool
         if exc_type is not None and (
             issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
         ):
-            pool._discard(entry, exc)
-        elif pool._waiters or pool._closed or entry.generation != pool._generation:
-            pool._release(entry)
+            pool._discard(self, exc)
+        elif pool._waiters or pool._closed:
+            pool._release(self)
         else:
-            pool._idle.append(entry)
-            pool._in_use -= 1
+            pool._idle.append(self)
 
 
-class _CheckedLease(_Lease[C]):
-    """The context manager of a pool with any of ``keepalive``, ``max_lifetime``, ``check_after``,
-    ``leak_warning``: every checkout takes the general path."""
+class _WatchedEntry(_Entry[C]):
+    """The entry of a pool with ``leak_warning`` only: it forgets who took it when it comes back."""
 
     __slots__ = ()
 
-    def __enter__(self) -> C:
-        entry = self._entry = self._pool._acquire(self._timeout, sys._getframe(1))
-        return entry.conn  # type: ignore[no-any-return]
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
+        pool = self.pool
+        if exc_type is not None and (
+            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
+        ):
+            pool._discard(self, exc)
+        elif pool._waiters or pool._closed:
+            pool._release(self)
+        else:
+            pool._idle.append(self)
+
+
+class _TimedEntry(_Entry[C]):
+    """The entry of a pool with ``keepalive``, ``max_lifetime``, ``check_after`` or
+    ``leak_warning``: it notes when it comes back, and expires."""
+
+    __slots__ = ()
 
     def __exit__(
         self,
@@ -142,16 +154,19 @@ class _CheckedLease(_Lease[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        pool = self._pool
-        entry = self._entry
-        del self._entry
-        entry.lent_from = None
+        pool = self.pool
+        self.lent_from = None
         if exc_type is not None and (
             issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
         ):
-            pool._discard(entry, exc)
+            pool._discard(self, exc)
+            return
+        now = _now()
+        if pool._waiters or pool._closed or now >= self.expires_at:
+            pool._release(self)
         else:
-            pool._release(entry)
+            self.idle_since = now
+            pool._idle.append(self)
 
 
 class ConnectionPool(Generic[C]):
@@ -202,9 +217,11 @@ class ConnectionPool(Generic[C]):
     _counter = 0
 
     # The pool's invariant: while it is open, every one of the `size` slots is
-    # exactly one of idle (an entry in `_idle`), in use (held by a caller or a
-    # check: `_in_use`) or connecting (`_connecting`).  Only the helpers
-    # `_open_slot`, `_add`, `_release` and `_forget` move a slot between them.
+    # exactly one of idle (its entry is in `_idle`), in use (its entry is in
+    # `_entries` but not in `_idle`: held by a caller or a check) or connecting
+    # (counted by `_connecting`).  So len(_entries) + _connecting == size, and
+    # a checkout only moves an entry out of `_idle`.  Only `_open_slot`, `_add`
+    # and `_forget` change the other two.
 
     def __init__(
         self,
@@ -247,16 +264,15 @@ class ConnectionPool(Generic[C]):
         self.fail_fast = fail_fast
         self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
 
-        self._idle: Deque[_Entry] = deque()  # most recently returned on the right
+        self._idle: Deque[_Entry[C]] = deque()  # most recently returned on the right
         self._waiters: Deque[AsyncResult[Any]] = deque()  # first come, first served
-        self._in_use = 0
         self._connecting = 0
         self._closed = False
         self._generation = 0  # bumped in a child process after fork()
         self._thread = _thread_ident()
         self._pid = os.getpid()
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
-        self._entries: Set[_Entry] = set()  # every open connection, idle or in use
+        self._entries: Set[_Entry[C]] = set()  # every open connection, idle or in use
         self._last_error: Optional[BaseException] = None
         self._failure_streak = 0
         self._reconnected = Event()
@@ -264,7 +280,13 @@ class ConnectionPool(Generic[C]):
         self._maintained = any(
             value is not None for value in (self.keepalive, self.max_lifetime, self.leak_warning)
         )
-        self._lease = _CheckedLease if self._maintained or self.check_after is not None else _Lease
+        self._plain_checkout = self.check_after is None and self.leak_warning is None
+        if self.keepalive is not None or self.max_lifetime is not None or self.check_after is not None:
+            self._entry_class: Type[_Entry[C]] = _TimedEntry
+        elif self.leak_warning is not None:
+            self._entry_class = _WatchedEntry
+        else:
+            self._entry_class = _Entry
         _pools.add(self)
         self._start()
 
@@ -301,7 +323,7 @@ class ConnectionPool(Generic[C]):
 
     # -- the public API -------------------------------------------------------
 
-    def get(self, timeout: Optional[float] = None) -> _Lease[C]:
+    def get(self, timeout: Optional[float] = None) -> _Entry[C]:
         """Borrow a connection: ``with pool.get() as c:``.
 
         The connection is yours alone until the block ends.  If the block
@@ -322,7 +344,22 @@ class ConnectionPool(Generic[C]):
         """
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
-        return self._lease(self, timeout)
+        idle = self._idle
+        if idle and self._thread == _thread_ident():  # an idle entry means nobody waits
+            entry = idle.pop()
+            if self._plain_checkout:
+                self._checkouts += 1
+                return entry
+            check_after = self.check_after
+            if check_after is None or _now() - entry.idle_since < check_after:
+                self._checkouts += 1
+                if self.leak_warning is not None:
+                    entry.lent_at = _now()
+                    entry.lent_from = caller = sys._getframe(1)
+                    entry.lent_line = caller.f_lineno
+                return entry
+            return self._acquire(timeout, sys._getframe(1), entry)
+        return self._acquire(timeout, sys._getframe(1))
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until all ``size`` connections are open.
@@ -386,7 +423,7 @@ class ConnectionPool(Generic[C]):
         return PoolStats(
             size=self.size,
             idle=len(self._idle),
-            in_use=self._in_use,
+            in_use=len(self._entries) - len(self._idle),
             connecting=self._connecting,
             waiting=len(self._waiters),
             checkouts=self._checkouts,
@@ -408,7 +445,8 @@ class ConnectionPool(Generic[C]):
         state = "closed" if self._closed else "open"
         return (
             f"<{type(self).__name__} {self.name!r} {state} size={self.size} idle={len(self._idle)}"
-            f" in_use={self._in_use} connecting={self._connecting} waiting={len(self._waiters)}>"
+            f" in_use={len(self._entries) - len(self._idle)} connecting={self._connecting}"
+            f" waiting={len(self._waiters)}>"
         )
 
     # -- lending ------------------------------------------------------------------
@@ -422,36 +460,48 @@ class ConnectionPool(Generic[C]):
         if self._pid != os.getpid():
             self._start_in_child()
 
-    def _acquire(self, timeout: Optional[float], caller: Optional[FrameType] = None) -> _Entry:
-        """Take a connection for a caller: the general path of :meth:`get`."""
-        self._check_caller()
+    def _acquire(
+        self, timeout: Optional[float], caller: FrameType, entry: Optional[_Entry[C]] = None
+    ) -> _Entry[C]:
+        """Lend a connection, checked if need be: the general path of :meth:`get`.
+
+        ``entry`` is an idle entry that :meth:`get` already took, if any.
+        """
+        if entry is None:
+            self._check_caller()
         limit = self.timeout if timeout is None else timeout
         deadline = math.inf if limit is None else _now() + limit
         while True:
-            if self._closed:
-                raise PoolClosed(f"pool {self.name!r} is closed")
-            if self._idle and not self._waiters:
-                entry = self._idle.pop()
-                self._in_use += 1
-            elif self.fail_fast and self._unavailable():
-                raise self._unavailable_error()
-            else:
-                entry = self._wait_for_entry(deadline, limit)  # switches
+            if entry is None:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                if self._idle and not self._waiters:
+                    entry = self._idle.pop()
+                elif self.fail_fast and self._unavailable():
+                    raise self._unavailable_error()
+                else:
+                    entry = self._wait_for_entry(deadline, limit)  # switches
             if self.check_after is not None and _now() - entry.idle_since >= self.check_after:
                 if not self._check(entry):  # switches
+                    entry = None
                     continue
                 if self._closed:
                     self._release(entry)
+                    entry = None
                     continue
             break
+        return self._lent(entry, caller)
+
+    def _lent(self, entry: _Entry[C], caller: FrameType) -> _Entry[C]:
+        """Count a checkout, and note where it came from for ``leak_warning``."""
         self._checkouts += 1
         if self.leak_warning is not None:
             entry.lent_at = _now()
             entry.lent_from = caller
-            entry.lent_line = caller.f_lineno if caller is not None else 0
+            entry.lent_line = caller.f_lineno
         return entry
 
-    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> _Entry:
+    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> _Entry[C]:
         waiter: AsyncResult[Any] = AsyncResult()
         self._waiters.append(waiter)
         try:
@@ -502,7 +552,7 @@ class ConnectionPool(Generic[C]):
         error.__suppress_context__ = True
         return error
 
-    def _check(self, entry: _Entry) -> bool:
+    def _check(self, entry: _Entry[C]) -> bool:
         """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails."""
         try:
             self._bounded("_keepalive()", self._keepalive, entry.conn)  # switches
@@ -535,7 +585,7 @@ class ConnectionPool(Generic[C]):
         finally:
             timer.close()
 
-    def _check_failed(self, entry: _Entry, error: BaseException, unexpected: bool = False) -> None:
+    def _check_failed(self, entry: _Entry[C], error: BaseException, unexpected: bool = False) -> None:
         self._keepalive_failures += 1
         if unexpected:
             logger.warning(
@@ -550,12 +600,11 @@ class ConnectionPool(Generic[C]):
 
     # -- moving slots between idle, in use and connecting ---------------------
 
-    def _release(self, entry: _Entry) -> None:
+    def _release(self, entry: _Entry[C]) -> None:
         """A held entry comes back: lend it to the first waiter, keep it idle, or drop it."""
-        if entry.generation != self._generation:
+        if entry.pool is not self:
             return  # opened by the parent process before fork(): never used here
         if self._closed:
-            self._in_use -= 1
             self._entries.discard(entry)
             self._close_quietly(entry.conn)
             return
@@ -569,21 +618,19 @@ class ConnectionPool(Generic[C]):
         if self._waiters:
             self._waiters.popleft().set(entry)
         else:
-            self._in_use -= 1
             self._idle.append(entry)
 
-    def _discard(self, entry: _Entry, error: Optional[BaseException]) -> None:
+    def _discard(self, entry: _Entry[C], error: Optional[BaseException]) -> None:
         """A held entry is broken: close it and open a replacement."""
-        if entry.generation != self._generation:
+        if entry.pool is not self:
             return
         if not self._closed:
             self._discarded += 1
             logger.debug("pool %r: discarding a connection after %r", self.name, error)
         self._forget(entry)
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: _Entry[C]) -> None:
         """Close a held entry and, unless the pool is closed, start opening its replacement."""
-        self._in_use -= 1
         self._entries.discard(entry)
         if not self._closed:
             self._open_slot()
@@ -598,12 +645,11 @@ class ConnectionPool(Generic[C]):
     def _add(self, conn: C) -> None:
         """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
         lifetime = math.inf if self.max_lifetime is None else self.max_lifetime * random.uniform(0.9, 1.0)
-        entry = _Entry(conn, self._generation, _now() + lifetime)
+        entry = self._entry_class(conn, self, _now() + lifetime)
         self._connecting -= 1
         self._opened += 1
         self._entries.add(entry)
         if self._waiters:
-            self._in_use += 1
             self._waiters.popleft().set(entry)
         else:
             self._idle.append(entry)
@@ -679,14 +725,12 @@ class ConnectionPool(Generic[C]):
         if self.max_lifetime is not None:
             for entry in [e for e in self._idle if e.expires_at <= now]:
                 self._idle.remove(entry)
-                self._in_use += 1
                 self._recycled += 1
                 self._forget(entry)
             wake_at = min([wake_at] + [e.expires_at for e in self._idle])
         if self.keepalive is not None:
             while self._idle and now - self._idle[0].idle_since >= self.keepalive:
                 entry = self._idle.popleft()
-                self._in_use += 1
                 self._spawn("keepalive", _keepalive_check, entry)
             if self._idle:
                 wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
@@ -700,7 +744,7 @@ class ConnectionPool(Generic[C]):
                     wake_at = min(wake_at, entry.lent_at + self.leak_warning)
         return max(wake_at - now, 0.001)
 
-    def _warn_leak(self, entry: _Entry, now: float) -> None:
+    def _warn_leak(self, entry: _Entry[C], now: float) -> None:
         frame = entry.lent_from
         entry.lent_from = None  # one warning per loan
         stack = traceback.StackSummary.extract(traceback.walk_stack(frame))
@@ -723,9 +767,10 @@ class ConnectionPool(Generic[C]):
     def _drop_after_fork(self) -> None:
         """In a child process: forget the parent's connections, without closing them."""
         self._generation += 1
+        for entry in self._entries:
+            entry.pool = _ORPHANAGE  # type: ignore[assignment]
         self._idle.clear()
         self._entries.clear()
-        self._in_use = 0
         self._connecting = self.size  # reopened by the child's first call
         self._pid = -1
 
@@ -745,6 +790,28 @@ class ConnectionPool(Generic[C]):
 
 
 _P = TypeVar("_P", bound=ConnectionPool[Any])
+
+
+class _Orphanage:
+    """Where the entries of a parent process go in a child after fork().
+
+    A connection the parent opened may still be held by a greenlet that the
+    child inherited; when it comes back it lands here, and is neither reused
+    nor closed (closing could send a goodbye on the parent's connection).
+    """
+
+    _exc_classes = (BaseException,)
+    _waiters = ()
+    _closed = True
+
+    def _release(self, entry: object) -> None:
+        pass
+
+    def _discard(self, entry: object, error: object) -> None:
+        pass
+
+
+_ORPHANAGE = _Orphanage()
 
 
 def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float]:
@@ -795,7 +862,7 @@ def _maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: in
         gevent.sleep(wait)
 
 
-def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry) -> None:
+def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry[Any]) -> None:
     pool = pool_ref()
     if pool is not None and pool._check(entry):
         pool._release(entry)
