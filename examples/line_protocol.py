@@ -1,0 +1,139 @@
+"""A line protocol with an application-level PING keepalive: the example of the user guide.
+
+Run it as a script; it starts its own server on 127.0.0.1::
+
+    python examples/line_protocol.py [--keepalive SECONDS]
+
+The server answers ``PING`` with ``PONG`` and ``ECHO x`` with ``x``, one line
+each.  The pool pings every idle connection every ``--keepalive`` seconds
+(0.3 here so that the run is short; 30 is a usual value against a firewall
+that cuts connections idle for a minute), and turns TCP keepalive on for each
+socket.  The server then silently closes one idle connection: the keepalive
+notices, and the pool replaces it before any caller can receive it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import gevent
+from gevent import socket
+from gevent.server import StreamServer
+
+from geventconnpool import ConnectionPool, enable_tcp_keepalive
+
+
+class PingServer:
+    """The remote end: one reply line per command line, and a count of the PINGs received."""
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.open: Dict[Tuple[str, int], socket.socket] = {}
+        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+
+    def handle(self, sock: socket.socket, address: Tuple[str, int]) -> None:
+        self.open[address] = sock
+        try:
+            for line in sock.makefile("rb"):
+                command = line.rstrip(b"\r\n")
+                if command == b"PING":
+                    self.pings += 1
+                    sock.sendall(b"PONG\n")
+                elif command.startswith(b"ECHO "):
+                    sock.sendall(command[5:] + b"\n")
+                else:
+                    sock.sendall(b"ERR unknown command\n")
+        except OSError:
+            pass
+        finally:
+            del self.open[address]
+            sock.close()
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """Read one reply line, without its newline; the peer closing is a ConnectionError (an OSError)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1024)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data[:-1]
+
+
+class MyPool(ConnectionPool[socket.socket]):
+    """Plain TCP connections, kept alive by TCP keepalive and by an application-level PING."""
+
+    def __init__(self, address: Tuple[str, int], size: int, keepalive: float) -> None:
+        self.address = address
+        super().__init__(size, keepalive=keepalive)
+
+    def _new_connection(self) -> socket.socket:
+        s = socket.create_connection(self.address, timeout=10)
+        enable_tcp_keepalive(s, idle=60, interval=10, count=5)
+        return s
+
+    def _keepalive(self, c: socket.socket) -> None:
+        c.sendall(b"PING\n")
+        if read_line(c) != b"PONG":
+            raise OSError("no PONG in reply to PING")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` (yielding to gevent) until it is true or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.01)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keepalive", type=float, default=0.3, help="seconds between PINGs (default 0.3)")
+    args = parser.parse_args(argv)
+    # The pool logs on the "geventconnpool" logger: failed connects, discarded connections...
+    logging.basicConfig(format="log: %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    remote = PingServer()
+    remote.server.start()
+    address = remote.server.address
+    print(f"server listening on {address[0]}:{address[1]}")
+
+    with MyPool(address, 4, keepalive=args.keepalive) as pool:
+        pool.wait(timeout=5)
+        with pool.get() as c:
+            c.sendall(b"ECHO hello\n")
+            print(f"reply: {read_line(c).decode()}")
+
+        if not wait_for(lambda: remote.pings >= 4, timeout=10):
+            print(f"FAILED: only {remote.pings} PINGs in 10 s")
+            return 1
+        print(f"keepalive pinged the idle connections: {remote.pings} PINGs so far")
+
+        victim = next(iter(remote.open.values()))
+        victim.shutdown(socket.SHUT_RDWR)  # the server drops an idle connection without a word
+        print("the server closed one idle connection")
+        if not wait_for(lambda: pool.stats().keepalive_failures >= 1 and pool.stats().idle == 4, timeout=10):
+            print(f"FAILED: the broken connection was not replaced: {pool.stats()}")
+            return 1
+        stats = pool.stats()
+        print(
+            f"keepalive found it broken and the pool replaced it: keepalive_failures="
+            f"{stats.keepalive_failures} discarded={stats.discarded} opened={stats.opened} idle={stats.idle}"
+        )
+        with pool.get() as c:
+            c.sendall(b"ECHO still here\n")
+            print(f"reply: {read_line(c).decode()}")
+    remote.server.stop()
+    print("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
