@@ -605,8 +605,7 @@ class ConnectionPool(Generic[C]):
         if entry.pool is not self:
             return  # opened by the parent process before fork(): never used here
         if self._closed:
-            self._entries.discard(entry)
-            self._close_quietly(entry.conn)
+            self._forget(entry)
             return
         now = _now()
         if now >= entry.expires_at:
@@ -626,7 +625,7 @@ class ConnectionPool(Generic[C]):
             return
         if not self._closed:
             self._discarded += 1
-            logger.debug("pool %r: discarding a connection after %r", self.name, error)
+            logger.warning("pool %r: discarding a broken connection after %r", self.name, error)
         self._forget(entry)
 
     def _forget(self, entry: _Entry[C]) -> None:
@@ -656,7 +655,7 @@ class ConnectionPool(Generic[C]):
 
     def _open_slot(self) -> None:
         self._connecting += 1
-        self._spawn(f"connect-{self._opened + self._connecting}", _connect_loop, self._generation)
+        self._spawn("connect", _connect_loop, self._generation)
 
     # -- background work ------------------------------------------------------
 
@@ -677,32 +676,27 @@ class ConnectionPool(Generic[C]):
 
         Return the seconds to wait before the next try, or None when the slot is done.
         """
-        error: BaseException
+        error: BaseException = TypeError("_new_connection() returned None")
         try:
             conn = self._bounded("_new_connection()", self._new_connection)  # switches
         except Exception as exc:
-            error = exc
-        else:
-            if generation != self._generation:
-                return None  # the process forked meanwhile: this one belongs to the parent
+            conn, error = None, exc
+        if generation != self._generation:
+            return None  # the process forked meanwhile: this slot belongs to the parent
+        if self._closed:  # close() was called from _new_connection() itself
             if conn is not None:
-                if self._closed:
-                    self._connecting -= 1
-                    self._close_quietly(conn)
-                    return None
-                self._add(conn)
-                if self._failure_streak:
-                    logger.info(
-                        "pool %r: connected again after %d failed attempts", self.name, self._failure_streak
-                    )
-                    self._failure_streak = 0
-                    self._last_error = None
-                    self._reconnected.set()
-                    self._reconnected = Event()
-                return None
-            error = TypeError("_new_connection() returned None")
-        if self._closed or generation != self._generation:
-            self._connecting -= generation == self._generation
+                self._close_quietly(conn)
+            return None
+        if conn is not None:
+            self._add(conn)
+            if self._failure_streak:
+                logger.info(
+                    "pool %r: connected again after %d failed attempts", self.name, self._failure_streak
+                )
+                self._failure_streak = 0
+                self._last_error = None
+                self._reconnected.set()
+                self._reconnected = Event()
             return None
         self._failed_connects += 1
         self._failure_streak += 1
@@ -720,13 +714,19 @@ class ConnectionPool(Generic[C]):
     def _maintain(self) -> float:
         """Recycle, ping and watch connections; return the seconds until there is work again."""
         now = _now()
-        period = min(p for p in (self.keepalive, self.max_lifetime, self.leak_warning) if p is not None)
+        # A connection opened or returned while this greenlet sleeps is due no
+        # earlier than a keepalive or leak_warning period from now, but its
+        # lifetime may end sooner: hence the finer step for max_lifetime.
+        lifetime_step = None if self.max_lifetime is None else self.max_lifetime / 50
+        period = min(p for p in (self.keepalive, lifetime_step, self.leak_warning) if p is not None)
         wake_at = now + period
+        expired = [e for e in self._idle if e.expires_at <= now]
+        for entry in expired:
+            self._idle.remove(entry)
+            self._entries.discard(entry)
+            self._recycled += 1
+            self._open_slot()
         if self.max_lifetime is not None:
-            for entry in [e for e in self._idle if e.expires_at <= now]:
-                self._idle.remove(entry)
-                self._recycled += 1
-                self._forget(entry)
             wake_at = min([wake_at] + [e.expires_at for e in self._idle])
         if self.keepalive is not None:
             while self._idle and now - self._idle[0].idle_since >= self.keepalive:
@@ -742,7 +742,9 @@ class ConnectionPool(Generic[C]):
                     self._warn_leak(entry, now)
                 else:
                     wake_at = min(wake_at, entry.lent_at + self.leak_warning)
-        return max(wake_at - now, 0.001)
+        for entry in expired:
+            self._close_quietly(entry.conn)  # switches
+        return max(wake_at - _now(), 0.001)
 
     def _warn_leak(self, entry: _Entry[C], now: float) -> None:
         frame = entry.lent_from
