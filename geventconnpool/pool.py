@@ -408,6 +408,11 @@ class ConnectionPool(Generic[C]):
             self._close_quietly(entry.conn)
 
     @property
+    def exc_classes(self) -> Tuple[Type[BaseException], ...]:
+        """The exception classes that mark a connection as broken, as a tuple."""
+        return self._exc_classes
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called.
 
