@@ -1,0 +1,175 @@
+"""A WSGI application whose requests call a TLS backend through a geventconnpool pool.
+
+Serve it with gunicorn's gevent worker (README.rst shows the whole recipe)::
+
+    BACKEND_PORT=7000 BACKEND_CAFILE=/tmp/backend-ca.pem \\
+        gunicorn -k gevent -w 2 -c gunicorn.conf.py app:application
+
+``GET /?token=abc`` sends ``ECHO abc <pid>`` to the backend on a pooled
+connection and answers with the backend's reply, ``abc <pid>``;
+``GET /stats`` answers the worker's ``pool.stats()`` as JSON.
+
+It is configured by the environment: ``BACKEND_PORT`` (required),
+``BACKEND_CAFILE`` (required: the certificate authority that signed the
+backend's certificate), ``BACKEND_POOL_SIZE`` (4), ``BACKEND_KEEPALIVE``
+(seconds between PINGs on an idle connection, 30) and ``BACKEND_WAIT``
+(seconds to wait at import for every connection to open, 10; 0 not to wait).
+
+The pool is made when this module is imported.  Without ``--preload`` that
+happens in each worker.  With ``--preload`` it happens once, in the gunicorn
+master, before it forks the workers: every worker inherits the master's open
+connections, and geventconnpool never uses them there; each worker opens
+connections of its own on its first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Callable, Iterable, List, Optional, Tuple
+from urllib.parse import parse_qs
+
+# gevent's socket and ssl modules, not the standard library's: with --preload
+# this module is imported by the gunicorn master, before the gevent worker
+# calls monkey.patch_all(), and the connections must be cooperative anyway.
+from gevent import socket, ssl
+
+from geventconnpool import ConnectionPool, PoolError, retry
+
+logger = logging.getLogger("gunicorn_app")
+
+StartResponse = Callable[[str, List[Tuple[str, str]]], object]
+TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,100}\Z")
+
+
+class BackendConnection:
+    """One TLS connection to the backend, speaking its line protocol."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def call(self, *words: object) -> str:
+        """Send one command and return the reply line; raise an OSError if the connection broke."""
+        self.sock.sendall(" ".join(map(str, words)).encode("ascii") + b"\n")
+        line = self.reader.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionError("the backend closed the connection")
+        return line[:-1].decode("ascii")
+
+    def close(self) -> None:
+        """Say goodbye to the backend and close the socket."""
+        try:
+            self.sock.sendall(f"QUIT {os.getpid()}\n".encode("ascii"))
+        except OSError:
+            pass
+        finally:
+            self.reader.close()
+            self.sock.close()
+
+
+class BackendPool(ConnectionPool[BackendConnection]):
+    """TLS connections to the backend on 127.0.0.1, checked with PING when idle."""
+
+    def __init__(self, port: int, cafile: str, size: int = 4, keepalive: float = 30.0) -> None:
+        self.address = ("127.0.0.1", port)
+        # Verifies the certificate and the host name, like ssl.create_default_context(cafile=...),
+        # but as a gevent SSLContext, whose sockets are cooperative even in the unpatched master.
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.load_verify_locations(cafile=cafile)
+        super().__init__(
+            size,
+            (OSError,),  # ssl.SSLError and socket.timeout are OSErrors too
+            keepalive,
+            timeout=10.0,
+            connect_timeout=5.0,
+            fail_fast=True,  # answer 503 at once while the backend is down
+            name="backend",
+        )
+
+    def _new_connection(self) -> BackendConnection:
+        raw = socket.create_connection(self.address, timeout=5.0)
+        try:
+            conn = BackendConnection(self.context.wrap_socket(raw, server_hostname="localhost"))
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            reply = conn.call("HELLO", os.getpid())
+            if not reply.startswith("HELLO "):
+                raise ConnectionError(f"unexpected greeting from the backend: {reply!r}")
+        except BaseException:
+            conn.sock.close()
+            raise
+        return conn
+
+    def _keepalive(self, c: BackendConnection) -> None:
+        if c.call("PING", os.getpid()) != "PONG":
+            raise ConnectionError("the backend did not answer PING with PONG")
+
+
+def make_pool() -> BackendPool:
+    """The pool described by the environment (see the module's docstring)."""
+    try:
+        port = int(os.environ["BACKEND_PORT"])
+        cafile = os.environ["BACKEND_CAFILE"]
+    except (KeyError, ValueError) as error:
+        raise RuntimeError("set BACKEND_PORT and BACKEND_CAFILE to the backend's port and CA file") from error
+    pool = BackendPool(
+        port,
+        cafile,
+        size=int(os.environ.get("BACKEND_POOL_SIZE", "4")),
+        keepalive=float(os.environ.get("BACKEND_KEEPALIVE", "30")),
+    )
+    wait = float(os.environ.get("BACKEND_WAIT", "10"))
+    if wait > 0:
+        pool.wait(timeout=wait)  # fail at start-up, not on the first request, if the backend is away
+    return pool
+
+
+pool = make_pool()
+
+
+@retry(max_failures=2, giveup=lambda error: isinstance(error, PoolError), logger=logger)
+def echo(token: str) -> str:
+    """Ask the backend to echo ``token``; a broken connection is retried on another one."""
+    with pool.get() as backend:
+        return backend.call("ECHO", token, os.getpid())
+
+
+def application(environ: dict[str, object], start_response: StartResponse) -> Iterable[bytes]:
+    """The WSGI entry point."""
+    path = environ.get("PATH_INFO", "/")
+    if path == "/stats":
+        stats = dict(dataclasses.asdict(pool.stats()), pid=os.getpid())
+        return _respond(start_response, "200 OK", json.dumps(stats), "application/json")
+    if path != "/":
+        return _respond(start_response, "404 Not Found", "not found")
+    token: Optional[str] = parse_qs(str(environ.get("QUERY_STRING", ""))).get("token", [None])[0]
+    if token is None or not TOKEN.match(token):
+        return _respond(start_response, "400 Bad Request", "give ?token= with letters, digits, _ . -")
+    try:
+        reply = echo(token)
+    except PoolError as error:  # PoolTimeout, PoolUnavailable
+        return _respond(start_response, "503 Service Unavailable", f"backend unavailable: {error}")
+    except OSError as error:
+        return _respond(start_response, "502 Bad Gateway", f"backend failed: {error!r}")
+    return _respond(start_response, "200 OK", reply)
+
+
+def _respond(
+    start_response: StartResponse, status: str, body: str, content_type: str = "text/plain"
+) -> List[bytes]:
+    data = body.encode("utf-8") + b"\n"
+    start_response(
+        status,
+        [
+            ("Content-Type", f"{content_type}; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("X-Worker-Pid", str(os.getpid())),
+        ],
+    )
+    return [data]

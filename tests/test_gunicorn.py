@@ -1,0 +1,276 @@
+"""Real gunicorn with gevent workers serving examples/gunicorn_app, whose pool talks TLS to a local backend.
+
+Each test starts ``gunicorn -k gevent -w 2`` (with and without ``--preload``)
+as a subprocess, sends a few hundred HTTP requests from this process, and
+reads what the backend (a TLS line server run here, in this process) saw:
+which process opened each connection and which pid came with each command on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Set, Tuple
+
+import gevent
+import gevent.pool
+import pytest
+from gevent import socket
+from helpers import wait_until
+
+import geventconnpool
+
+if importlib.util.find_spec("gunicorn") is None:
+    pytest.skip("gunicorn is not installed (pip install -e '.[test]')", allow_module_level=True)
+if importlib.util.find_spec("trustme") is None:
+    pytest.skip("trustme is not installed (pip install -e '.[test]')", allow_module_level=True)
+
+APP_DIR = Path(__file__).resolve().parent.parent / "examples" / "gunicorn_app"
+POOL_SIZE = 3
+REQUESTS = 300
+CONCURRENCY = 30
+MAX_REQUESTS = 1500  # more batches only if one worker happened to take every request
+
+
+def _load_backend_module():
+    spec = importlib.util.spec_from_file_location("gunicorn_app_backend", APP_DIR / "backend.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+backend_module = _load_backend_module()
+
+
+@pytest.fixture
+def backend(tmp_path):
+    """The example's TLS backend, served by this process on a free loopback port."""
+    server = backend_module.Backend(cafile=str(tmp_path / "ca.pem"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Gunicorn:
+    """A real gunicorn master and its two gevent workers, in a process group of their own."""
+
+    def __init__(self, backend, log_path: Path, preload: bool) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(APP_DIR / "gunicorn.conf.py"),
+            "-k",
+            "gevent",
+            "-w",
+            "2",
+            # Port 0: the kernel picks a free port, which the master logs; no race
+            # with other programs picking ports at the same time.
+            "--bind",
+            "127.0.0.1:0",
+            "--chdir",
+            str(APP_DIR),
+            *(["--preload"] if preload else []),
+            "app:application",
+        ]
+        package_root = str(Path(geventconnpool.__file__).resolve().parent.parent)
+        env = dict(
+            os.environ,
+            BACKEND_PORT=str(backend.port),
+            BACKEND_CAFILE=backend.cafile,
+            BACKEND_POOL_SIZE=str(POOL_SIZE),
+            BACKEND_KEEPALIVE="0.5",
+            # The same geventconnpool as the tests import, whether installed or not.
+            PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+        )
+        self.log_path = log_path
+        # Output to a file, not a pipe: nothing here has to keep reading it.
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group, for kill()
+            )
+        self.port = 0
+
+    @property
+    def master_pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> List[int]:
+        """The pid of every worker the master booted, in order."""
+        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", self.log())]
+
+    def wait_ready(self) -> None:
+        """Wait until the master listens and has booted both workers."""
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log())
+            return found is not None and len(self.worker_pids()) == 2
+
+        wait_until(ready, timeout=20, interval=0.05, message=lambda: f"gunicorn not ready:\n{self.log()}")
+        self.port = int(re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log()).group(1))
+
+    def stop(self) -> int:
+        """SIGTERM, the way a service manager stops gunicorn; return its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: self.proc.poll() is not None,
+            timeout=20,
+            interval=0.05,
+            message=lambda: f"gunicorn still running 20 s after SIGTERM:\n{self.log()}",
+        )
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Make sure nothing is left running (after a failure): SIGKILL the master's process group."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_until(lambda: self.proc.poll() is not None, timeout=10, interval=0.05)
+
+
+@pytest.fixture
+def start_gunicorn(backend, tmp_path):
+    """Start gunicorn in front of ``backend``; whatever happens, it is gone when the test ends."""
+    started: List[Gunicorn] = []
+
+    def start(preload: bool) -> Gunicorn:
+        server = Gunicorn(backend, tmp_path / "gunicorn.log", preload)
+        started.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def http_get(port: int, path: str) -> Tuple[int, Optional[str], str]:
+    """One HTTP/1.1 GET on a gevent socket (cooperative whether or not this process is patched)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+            body = response.read().decode()
+        finally:
+            response.close()
+    return response.status, response.getheader("X-Worker-Pid"), body
+
+
+def send_requests(port: int, count: int) -> Dict[str, Tuple[int, Optional[str], str]]:
+    """``count`` requests, ``CONCURRENCY`` at a time, each with a new token; the responses by token."""
+    tokens = [uuid.uuid4().hex for _ in range(count)]
+    workers = gevent.pool.Pool(CONCURRENCY)
+    with gevent.Timeout(30, AssertionError(f"{count} requests did not finish within 30 s")):
+        responses = workers.map(lambda token: http_get(port, f"/?token={token}"), tokens)
+    return dict(zip(tokens, responses))
+
+
+def commands_by_port(backend) -> Dict[int, List[Tuple[str, Optional[int]]]]:
+    return {c.port: [(r.verb, r.pid) for r in c.commands] for c in backend.connections}
+
+
+def assert_no_foreign_commands(backend) -> None:
+    """Every command the backend received on a connection came from the process that opened it."""
+    by_port = commands_by_port(backend)
+    foreign = {
+        c.port: by_port[c.port] for c in backend.connections if any(r.pid != c.opener for r in c.commands)
+    }
+    assert not foreign, f"connections used by another process than their opener: {foreign}"
+
+
+@pytest.mark.watchdog(60)
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_each_gunicorn_worker_uses_only_its_own_connections(leak_check, backend, start_gunicorn, preload):
+    """Under gunicorn -k gevent -w 2 every reply is right, each worker sends on its own connections only,
+    the master's (--preload) are never used, and SIGTERM closes every connection."""
+    server = start_gunicorn(preload)
+    master = server.master_pid
+
+    # Load: a few hundred requests; more only until both workers have answered some.
+    responses: Dict[str, Tuple[int, Optional[str], str]] = {}
+    while len(responses) < REQUESTS or (
+        len({pid for _, pid, _ in responses.values()}) < 2 and len(responses) < MAX_REQUESTS
+    ):
+        responses.update(send_requests(server.port, 100 if responses else REQUESTS))
+
+    workers = set(server.worker_pids())
+    assert len(workers) == 2, f"a worker died and was replaced:\n{server.log()}"
+    assert master not in workers
+    wrong = {t: r for t, r in responses.items() if r[0] != 200 or r[2] != f"{t} {r[1]}\n"}
+    assert not wrong, f"{len(wrong)} wrong responses, e.g. {next(iter(wrong.items()))}"
+    answered_by = {int(pid) for _, pid, _ in responses.values()}
+    assert answered_by == workers, "both workers should have answered requests"
+
+    # The backend saw each request once, with the pid of the worker that answered it.
+    echoes = [r for r in backend.requests if r.verb == "ECHO"]
+    assert collections.Counter(r.token for r in echoes) == collections.Counter(responses.keys())
+    assert all(r.pid == int(responses[r.token][1]) for r in echoes)
+
+    # Each worker pings its own idle connections: wait until both have, so that
+    # the checks below also cover the keepalive.
+    def pinged_by() -> Set[Optional[int]]:
+        return {r.pid for r in backend.requests if r.verb == "PING"}
+
+    wait_until(lambda: workers <= pinged_by(), timeout=10, message=lambda: f"PINGs from {pinged_by()}")
+
+    assert_no_foreign_commands(backend)
+    # The client ports each worker sent requests from: disjoint.
+    ports = {pid: {r.port for r in backend.requests if r.pid == pid} for pid in workers}
+    first, second = (ports[pid] for pid in sorted(workers))
+    assert first and second
+    assert not first & second, f"ports used by both workers: {first & second}"
+    # Each worker opened its pool once, and nothing had to be replaced.
+    openers = collections.Counter(c.opener for c in backend.connections)
+    assert {pid: openers[pid] for pid in workers} == {pid: POOL_SIZE for pid in workers}, openers
+
+    master_conns = [c for c in backend.connections if c.opener == master]
+    if preload:
+        # The master filled its pool at import, before fork; every worker inherited
+        # those sockets, and none of them ever sent anything on one (checked above,
+        # by pid): no request went over them, and they are still open.
+        assert len(master_conns) == POOL_SIZE
+        assert not [r for c in master_conns for r in c.commands if r.verb == "ECHO"]
+        assert not {c.port for c in master_conns} & (first | second)
+        assert all(c in backend.open_connections for c in master_conns), "the master's connections stay open"
+    else:
+        assert master_conns == [], "without --preload the master never imports the app"
+
+    # SIGTERM: the workers close their pools (gunicorn.conf.py's worker_exit) and
+    # every process exits, so no connection to the backend is left open.
+    assert server.stop() == 0, server.log()
+    wait_until(
+        lambda: not backend.open_connections,
+        timeout=10,
+        message=lambda: f"still open after gunicorn stopped: {[c.port for c in backend.open_connections]}",
+    )
+    assert_no_foreign_commands(backend)
+    # Each worker's pool said goodbye (QUIT) on its own connections; the master's
+    # were simply closed when the master exited: no worker sent QUIT on them.
+    endings = [(c.port, c.opener, c.ended) for c in backend.connections]
+    assert endings == [(port, opener, "EOF" if opener == master else "QUIT") for port, opener, _ in endings]
+    assert "Traceback" not in server.log(), server.log()
