@@ -1,0 +1,120 @@
+"""Every script in examples/ runs as a user would run it, against the loopback server it starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from gevent import subprocess
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str) -> str:
+    """Run ``examples/<name>`` with this interpreter from the checkout's root; return its output."""
+    env = dict(os.environ)
+    env.pop("GEVENTCONNPOOL_PATCH_ALL", None)  # each example decides for itself whether to patch
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, (
+        f"{name} exited with {result.returncode}:\n{output}\n{result.stderr.decode()}"
+    )
+    assert "Traceback" not in result.stderr.decode(), result.stderr.decode()
+    return output
+
+
+def test_every_example_is_listed_and_tested():
+    """Each script in examples/ is listed in examples/README.rst and has a test in this file."""
+    scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
+    readme = (EXAMPLES / "README.rst").read_text()
+    source = Path(__file__).read_text()
+    for script in scripts:
+        assert script in readme, f"{script} is not listed in examples/README.rst"
+        assert f'run_example("{script}"' in source, f"{script} has no test here"
+    assert "gunicorn_app" in readme or not (EXAMPLES / "gunicorn_app").exists()
+
+
+@pytest.mark.watchdog(90)
+def test_demo_fills_a_pool_survives_a_cut_and_exits_0():
+    """The README's demo fills a pool of 3, serves 10 greenlets, replaces a cut connection and exits 0."""
+    out = run_example("demo.py")
+    assert re.search(r"server listening on 127\.0\.0\.1:\d+", out)
+    assert "pool filled: 3 connections opened" in out
+    assert "10 greenlets, 3 connections: 10 replies, e.g. 'hello 0' .. 'hello 9'" in out
+    assert "-> 'after the cut' (2 attempts)" in out
+    assert "pool full again: idle=3 opened=4 discarded=1" in out
+    assert "pool closed: <LinePool 'demo' closed size=3 idle=0 in_use=0" in out
+    assert out.endswith("demo finished\n")
+
+
+@pytest.mark.watchdog(90)
+def test_line_protocol_keepalive_pings_and_replaces_a_dropped_connection():
+    """The guide's PING keepalive pings idle connections and replaces one the server dropped."""
+    out = run_example("line_protocol.py", "--keepalive", "0.2")
+    assert "reply: hello" in out
+    assert re.search(r"keepalive pinged the idle connections: \d+ PINGs so far", out)
+    assert (
+        "keepalive found it broken and the pool replaced it: keepalive_failures=1 discarded=1 opened=5" in out
+    )
+    assert "reply: still here" in out
+    assert out.endswith("done\n")
+
+
+@pytest.mark.watchdog(90)
+def test_https_rest_verifies_the_certificate_and_reuses_three_connections():
+    """The HTTPS example refuses an untrusted certificate, then serves 22 requests over 3 TLS connections."""
+    out = run_example("https_rest.py")
+    assert "without the CA, the certificate is refused: unable to get local issuer certificate" in out
+    assert "pool ready: 3 verified TLS connections" in out
+    assert "20 GET requests from 20 greenlets: users ['Ada', 'Grace']" in out
+    assert "POST /users created {'name': 'Barbara', 'id': 3}" in out
+    assert "an API error leaves the connection in the pool: GET /users/99: 404" in out
+    assert "22 requests over 3 TCP connections (opened=3, discarded=0)" in out
+    assert out.endswith("done\n")
+
+
+@pytest.mark.watchdog(90)
+def test_imap_tls_logs_in_keeps_alive_with_noop_and_replaces_a_logged_out_session():
+    """The IMAP example logs in over verified TLS, NOOPs idle sessions, replaces one the server logged out."""
+    out = run_example("imap_tls.py")
+    assert "pool ready: 2 sessions logged in as 'ada' with INBOX selected" in out
+    assert "SELECT INBOX -> OK 2 messages" in out
+    assert re.search(r"keepalive sent NOOP to the idle sessions: \d+ so far", out)
+    assert (
+        "NOOP failed with an imaplib error, so the pool replaced the session: keepalive_failures=1 opened=3"
+        in out
+    )
+    assert "NOOP on a pooled session -> OK" in out
+    assert out.endswith("done\n")
+
+
+@pytest.mark.watchdog(90)
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (apt-get install redis-server)",
+)
+def test_redis_raw_counts_to_50_and_check_after_catches_a_killed_connection():
+    """The Redis example runs 50 INCRs over 4 connections and never lends the connection Redis killed."""
+    out = run_example("redis_raw.py")
+    assert re.search(r"Redis at 127\.0\.0\.1:\d+", out)
+    assert "PING -> PONG; ECHO -> b'hello'" in out
+    assert "50 greenlets ran INCR over 4 connections: counter = b'50'" in out
+    assert "an error reply leaves the connection in the pool: ERR wrong number of arguments" in out
+    assert "(1 killed)" in out
+    assert "4 callers got 4 working connections ['PONG', 'PONG', 'PONG', 'PONG']" in out
+    assert "keepalive_failures=1, discarded=1" in out
+    assert out.endswith("done\n")
