@@ -18,7 +18,7 @@ version = ".".join(release.split(".")[:2])
 
 project = "geventconnpool"
 author = "The geventconnpool developers"
-copyright = "the geventconnpool developers"  # noqa: A001
+copyright = "the geventconnpool developers"
 
 extensions = ["sphinx.ext.autodoc"]
 html_theme = "furo"
@@ -45,11 +45,17 @@ nitpick_ignore = [
 ]
 nitpick_ignore_regex = [
     # The standard library, documented elsewhere.
-    (r"py:(class|exc|func|meth|mod|data|obj)", r"(builtins\.)?(BaseException|Exception|TimeoutError|ConnectionError"
-     r"|OSError|RuntimeError|TypeError|ValueError|KeyboardInterrupt|SystemExit|NotImplementedError|int|float|str"
-     r"|bool|object|dict|tuple|type|bytes)"),
-    (r"py:(class|exc|func|meth|mod|data|obj)", r"(typing|types|logging|socket|ssl|http\.client|imaplib|os"
-     r"|functools|weakref|collections\.abc)(\..*)?"),
+    (
+        r"py:(class|exc|func|meth|mod|data|obj)",
+        r"(builtins\.)?(BaseException|Exception|TimeoutError|ConnectionError"
+        r"|OSError|RuntimeError|TypeError|ValueError|KeyboardInterrupt|SystemExit|NotImplementedError|int|float|str"
+        r"|bool|object|dict|tuple|type|bytes)",
+    ),
+    (
+        r"py:(class|exc|func|meth|mod|data|obj)",
+        r"(typing|types|logging|socket|ssl|http\.client|imaplib|os"
+        r"|functools|weakref|collections\.abc)(\..*)?",
+    ),
     (r"py:(class|obj)", r"(Dict|Tuple|Optional|Callable|Type|Union|Any|Generic|Protocol)(\[.*\])?"),
     # Type variables and private helper classes that appear in signatures.
     (r"py:(class|obj)", r"(geventconnpool\.(pool|retry|tcp_keepalive)\.)?(C|R|P|_P|_Entry|_SocketLike)"),
