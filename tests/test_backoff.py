@@ -1,0 +1,100 @@
+"""The reconnect backoff: a pure function of the attempt number, tested as lists of numbers."""
+
+import math
+
+import pytest
+
+from geventconnpool import ConnectionPool
+from geventconnpool._backoff import backoff_delay
+
+
+def schedule(attempts, **options):
+    """The waits after failures 1..attempts, rounded to hide float noise."""
+    return [round(backoff_delay(n, **options), 9) for n in range(1, attempts + 1)]
+
+
+def test_pool_reconnect_constants():
+    """The pool's documented reconnect constants are 0.1 s for the first wait and 10 s for the longest."""
+    assert ConnectionPool.RECONNECT_DELAY == 0.1
+    assert ConnectionPool.RECONNECT_MAX_DELAY == 10.0
+
+
+def test_pool_schedule_without_jitter():
+    """With the pool's constants and no jitter, the waits double from 0.1 s and stop at 10 s."""
+    waits = schedule(
+        10,
+        initial=ConnectionPool.RECONNECT_DELAY,
+        factor=2.0,
+        cap=ConnectionPool.RECONNECT_MAX_DELAY,
+        jitter=0.0,
+    )
+    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
+
+
+def test_no_cap_keeps_growing():
+    """Without a cap the waits grow geometrically with the factor."""
+    assert schedule(5, initial=1.0, factor=3.0) == [1.0, 3.0, 9.0, 27.0, 81.0]
+
+
+def test_factor_one_is_a_constant_interval():
+    """A factor of 1 gives the same wait after every failure (retry's default interval behaviour)."""
+    assert schedule(4, initial=2.0, factor=1.0) == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_cap_applies_before_the_first_doubling_too():
+    """A cap smaller than the initial wait limits every wait, the first included."""
+    assert schedule(3, initial=5.0, factor=2.0, cap=1.5) == [1.5, 1.5, 1.5]
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 10.0])
+def test_zero_initial_never_waits(factor):
+    """An initial wait of 0 means no wait at all, whatever the factor and attempt."""
+    assert schedule(6, initial=0, factor=factor, cap=10, jitter=0.5) == [0.0] * 6
+    assert backoff_delay(10**6, initial=0.0, factor=factor) == 0.0
+
+
+def test_jitter_bounds_with_injected_uniform():
+    """Jitter multiplies the capped wait by 1 - jitter * U, so it stays in (wait * (1 - jitter), wait]."""
+    draws = [0.0, 0.25, 0.5, 0.999999]
+    for u in draws:
+        waits = schedule(9, initial=0.1, factor=2.0, cap=10.0, jitter=0.5, uniform=lambda u=u: u)
+        plain = schedule(9, initial=0.1, factor=2.0, cap=10.0)
+        for got, full in zip(waits, plain):
+            assert full * 0.5 < got <= full
+            assert got == pytest.approx(full * (1 - 0.5 * u))
+
+
+def test_jitter_draws_once_per_call():
+    """Each call draws exactly one number from the injected uniform."""
+    draws = []
+
+    def uniform():
+        draws.append(1)
+        return 0.5
+
+    waits = schedule(3, initial=1.0, factor=2.0, jitter=0.2, uniform=uniform)
+    assert waits == [0.9, 1.8, 3.6]
+    assert len(draws) == 3
+
+
+def test_no_jitter_draws_nothing():
+    """With jitter 0 the injected uniform is never called, so the schedule is exact."""
+
+    def uniform():
+        raise AssertionError("uniform() called with jitter=0")
+
+    assert schedule(3, initial=0.5, factor=2.0, uniform=uniform) == [0.5, 1.0, 2.0]
+
+
+def test_full_jitter_can_reach_near_zero():
+    """jitter=1 spreads the wait over (0, wait]."""
+    got = backoff_delay(4, initial=0.1, factor=2.0, jitter=1.0, uniform=lambda: 0.999)
+    assert 0 < got < 0.001
+
+
+@pytest.mark.parametrize("attempt", [1100, 10**6, 10**12, 10**400])
+def test_huge_attempts_do_not_overflow(attempt):
+    """A huge attempt number gives the cap (or infinity without one) instead of raising OverflowError."""
+    assert backoff_delay(attempt, initial=0.1, factor=2.0, cap=10.0) == 10.0
+    assert backoff_delay(attempt, initial=0.1, factor=2.0, cap=10.0, jitter=0.5, uniform=lambda: 0.5) == 7.5
+    assert backoff_delay(attempt, initial=0.1, factor=2.0) == math.inf
