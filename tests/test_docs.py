@@ -78,7 +78,6 @@ def test_the_runnable_blocks_of_the_file_run(path):
     if not runnable:
         pytest.skip(f"{path.name} has no runnable python block")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(RUNNER), str(path)],
         cwd=ROOT,

@@ -19,7 +19,6 @@ def run_example(name: str, *args: str) -> str:
     """Run ``examples/<name>`` with this interpreter from the checkout's root; return its output."""
     env = dict(os.environ)
     env.pop("GEVENTCONNPOOL_PATCH_ALL", None)  # each example decides for itself whether to patch
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         cwd=ROOT,
