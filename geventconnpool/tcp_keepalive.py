@@ -9,13 +9,13 @@ from typing import Dict, Optional, Protocol, Tuple
 __all__ = ["enable_tcp_keepalive"]
 
 # The largest values Linux accepts (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL,
-# MAX_TCP_KEEPCNT); other systems accept at least as much, so checking them
-# here gives the same clear error everywhere instead of an EINVAL on Linux only.
+# MAX_TCP_KEEPCNT).  They are checked on every platform, so that a value that
+# Linux would refuse with a bare EINVAL fails everywhere, with a clear message.
 _MAX_SECONDS = 32767
 _MAX_COUNT = 127
 
-# macOS names the idle time TCP_KEEPALIVE (0x10); Python exposes the constant
-# from 3.10 on, so older versions get the number from <netinet/tcp.h>.
+# macOS names the idle time TCP_KEEPALIVE (0x10 in <netinet/tcp.h>); the
+# number is the fallback for Pythons whose socket module lacks the constant.
 _TCP_KEEPALIVE_MACOS = 0x10
 
 
