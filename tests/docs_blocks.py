@@ -129,9 +129,11 @@ def find_blocks(path: Path) -> List[Block]:
         if stripped.endswith("::") and not stripped.startswith(".."):
             body, end = _body(lines, i + 1, _indent(line))
             if any(b.strip() for b in body):
-                blocks.append(
-                    Block(path, i + 1, "literal", "default", _dedent(body), _marker_before(lines, i))
-                )
+                start = i  # the marker goes before the paragraph that ends with "::"
+                while start > 0 and lines[start - 1].strip() and _indent(lines[start - 1]) == _indent(line):
+                    start -= 1
+                marker = _marker_before(lines, start)
+                blocks.append(Block(path, i + 1, "literal", "default", _dedent(body), marker))
                 i = end
                 continue
         if stripped.startswith(">>>"):

@@ -161,6 +161,13 @@ def test_the_checker_flags_unmarked_blocks_and_accepts_marked_ones(tmp_path):
 
                 raw text
 
+            .. not-runnable: shown for its output only
+
+            A marked literal block, whose paragraph
+            spans two lines::
+
+                raw text
+
             >>> 1 + 1
             2
 
@@ -184,6 +191,7 @@ def test_the_checker_flags_unmarked_blocks_and_accepts_marked_ones(tmp_path):
         ("code-block", "console", False),
         ("code-block", "python", False),
         ("literal", "default", False),
+        ("literal", "default", False),
         ("doctest", "pycon", False),
         ("code-block", "text", False),
         ("code-block", "python", False),
@@ -191,5 +199,5 @@ def test_the_checker_flags_unmarked_blocks_and_accepts_marked_ones(tmp_path):
     assert blocks[-1].code == 'print("hello")\n'
     assert page_options(page.read_text()) == ["monkey-patch"]
     problems = problems_of(page)
-    assert [p.split(":")[1] for p in problems] == ["6", "16", "20", "31"]
+    assert [p.split(":")[1] for p in problems] == ["6", "16", "27", "38"]
     assert "needs a stated reason" in problems[-1]
