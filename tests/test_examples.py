@@ -6,10 +6,12 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
+import gevent
 import pytest
-from gevent import subprocess
+from gevent import socket, subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -117,3 +119,50 @@ def test_redis_raw_counts_to_50_and_check_after_catches_a_killed_connection():
     assert "4 callers got 4 working connections ['PONG', 'PONG', 'PONG', 'PONG']" in out
     assert "keepalive_failures=1, discarded=1" in out
     assert out.endswith("done\n")
+
+
+@pytest.mark.watchdog(90)
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="redis-server is not installed (apt-get install redis-server)",
+)
+def test_redis_raw_uses_a_running_server_given_by_port(tmp_path):
+    """With --port the Redis example uses the redis-server the test started, and leaves it running."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_redis(port, server)
+        out = run_example("redis_raw.py", "--port", str(port))
+        assert f"Redis at 127.0.0.1:{port}" in out
+        assert "50 greenlets ran INCR over 4 connections: counter = b'50'" in out
+        assert out.endswith("done\n")
+        assert server.poll() is None, "the example must not stop a server it did not start"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET example:counter\r\n")
+            assert c.recv(100) == b"$2\r\n50\r\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def wait_for_redis(port: int, server: subprocess.Popen) -> None:
+    """Wait until redis-server answers PING on ``port``; fail if it exits or takes over 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(100) == b"+PONG\r\n":
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, "redis-server exited"
+        assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+        gevent.sleep(0.05)
