@@ -40,7 +40,6 @@ setup(
         "Development Status :: 5 - Production/Stable",
         "Framework :: gevent",
         "Intended Audience :: Developers",
-        "License :: OSI Approved :: MIT License",
         "Operating System :: POSIX",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",

@@ -13,7 +13,7 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any, Callable, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
+from typing import Any, Callable, ContextManager, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -323,7 +323,7 @@ class ConnectionPool(Generic[C]):
 
     # -- the public API -------------------------------------------------------
 
-    def get(self, timeout: Optional[float] = None) -> _Entry[C]:
+    def get(self, timeout: Optional[float] = None) -> ContextManager[C]:
         """Borrow a connection: ``with pool.get() as c:``.
 
         The connection is yours alone until the block ends.  If the block
