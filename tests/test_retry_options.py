@@ -1,0 +1,460 @@
+"""The keyword options that issue 3 adds to retry(): backoff, max_interval, jitter, max_time, giveup,
+the {attempt} and {wait} message fields, template checks, the exceptions never retried, and bad values.
+
+The waits are read from the retry log line's {wait} field, so no test needs to sleep long or
+patch the clock: intervals are milliseconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import ssl
+import time
+from typing import Callable, List
+
+import gevent
+import pytest
+from greenlet import GreenletExit
+from helpers import LinePool, LineServer, request
+
+from geventconnpool import PoolUnavailable, retry
+
+LOG = logging.getLogger("tests.retry_options")
+WAITS = "{attempt} {wait}"
+
+
+class Flaky:
+    """A callable that fails with ``error`` its first ``failures`` calls, then returns "ok"."""
+
+    def __init__(self, failures: float = math.inf, error: Callable[[], BaseException] = OSError) -> None:
+        self.__name__ = "flaky"
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+        self.started: List[float] = []
+        self.raised: List[BaseException] = []
+
+    def __call__(self) -> str:
+        self.calls += 1
+        self.started.append(time.monotonic())
+        if self.calls <= self.failures:
+            error = self.error()
+            self.raised.append(error)
+            raise error
+        return "ok"
+
+
+def logged(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOG.name and r.levelno == level]
+
+
+def logged_waits(caplog: pytest.LogCaptureFixture) -> List[float]:
+    """The {wait} of every retry line logged with the WAITS template, checking {attempt} counts 1, 2, ..."""
+    lines = logged(caplog)
+    assert [int(line.split()[0]) for line in lines] == list(range(1, len(lines) + 1))
+    return [float(line.split()[1]) for line in lines]
+
+
+@pytest.fixture(autouse=True)
+def capture(caplog):
+    caplog.set_level(logging.DEBUG, logger=LOG.name)
+
+
+# -- backoff, max_interval, jitter ---------------------------------------------------------------
+
+
+def test_default_backoff_keeps_the_interval_constant(caplog):
+    """Without backoff every wait is the interval, as in 0.2.1."""
+    f = Flaky()
+    with pytest.raises(OSError):
+        retry(f, logger=LOG, retry_log_message=WAITS, max_failures=4, interval=0.001)()
+    assert logged_waits(caplog) == [0.001] * 4
+    assert f.calls == 5
+
+
+def test_backoff_multiplies_each_wait(caplog):
+    """With backoff=2.0 the k-th wait is interval * 2**(k-1)."""
+    f = Flaky()
+    with pytest.raises(OSError):
+        retry(f, logger=LOG, retry_log_message=WAITS, max_failures=5, interval=0.001, backoff=2.0)()
+    assert logged_waits(caplog) == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016])
+
+
+def test_max_interval_caps_every_wait(caplog):
+    """max_interval caps each wait of a fast-growing backoff."""
+    f = Flaky()
+    decorated = retry(
+        f, logger=LOG, retry_log_message=WAITS, max_failures=5, interval=0.001, backoff=10, max_interval=0.003
+    )
+    with pytest.raises(OSError):
+        decorated()
+    assert logged_waits(caplog) == pytest.approx([0.001, 0.003, 0.003, 0.003, 0.003])
+
+
+def test_backoff_never_overflows(caplog):
+    """A backoff whose powers overflow a float still gives capped waits, for hundreds of attempts."""
+    f = Flaky(failures=300)
+    decorated = retry(
+        f,
+        logger=LOG,
+        retry_log_message=WAITS,
+        max_failures=400,
+        interval=1e-9,
+        backoff=1e200,
+        max_interval=1e-5,
+    )
+    assert decorated() == "ok"
+    waits = logged_waits(caplog)
+    assert len(waits) == 300
+    assert waits[0] == 1e-9 and all(w == 1e-5 for w in waits[1:])
+
+
+def test_overflowing_wait_without_a_cap_gives_up_within_max_time(caplog):
+    """An uncapped wait too large for a float ends the retries under max_time instead of raising
+    OverflowError.
+    """
+    f = Flaky()
+    decorated = retry(f, logger=LOG, retry_log_message=WAITS, interval=1e-6, backoff=1e300, max_time=5)
+    with pytest.raises(OSError) as info:
+        decorated()
+    assert info.value is f.raised[-1]
+    assert f.calls == 2  # the second wait would be 1e294 s
+
+
+@pytest.mark.parametrize("jitter", [0.5, 1.0])
+def test_jitter_spreads_each_wait_below_the_capped_value(caplog, jitter):
+    """With jitter j each wait lies in ((1 - j) * w, w], after the cap, and the waits differ."""
+    f = Flaky()
+    decorated = retry(
+        f,
+        logger=LOG,
+        retry_log_message=WAITS,
+        max_failures=30,
+        interval=0.5,
+        backoff=2.0,
+        max_interval=0.002,
+        jitter=jitter,
+    )
+    with pytest.raises(OSError):
+        decorated()
+    waits = logged_waits(caplog)
+    assert len(waits) == 30
+    assert all((1 - jitter) * 0.002 <= w <= 0.002 for w in waits), waits
+    assert len(set(waits)) > 20  # 30 draws, from a continuous distribution
+
+
+def test_no_jitter_by_default(caplog):
+    """Without jitter identical failures give identical waits."""
+    f = Flaky()
+    with pytest.raises(OSError):
+        retry(f, logger=LOG, retry_log_message=WAITS, max_failures=10, interval=0.001)()
+    assert set(logged_waits(caplog)) == {0.001}
+
+
+# -- max_time -----------------------------------------------------------------------------------------
+
+
+def test_max_time_stops_before_the_budget_and_reraises_the_last_error(caplog):
+    """No attempt starts past max_time; the give-up message is logged and the last exception re-raised
+    unchanged.
+    """
+    f = Flaky()
+    decorated = retry(
+        f,
+        logger=LOG,
+        retry_log_message=WAITS,
+        max_failure_log_message="gave up on {f} after {attempt}: {e}",
+        max_failure_log_level=logging.ERROR,
+        interval=0.05,
+        max_time=0.3,
+    )
+    with pytest.raises(OSError) as info:
+        decorated()
+    assert info.value is f.raised[-1]
+    assert 2 <= f.calls <= 7
+    assert all(start - f.started[0] <= 0.3 for start in f.started)
+    # The wait after the last attempt would have ended past the budget.
+    assert f.started[-1] + 0.05 > f.started[0] + 0.3 - 0.05
+    assert logged(caplog, logging.ERROR) == [f"gave up on flaky after {f.calls}: {f.raised[-1]}"]
+
+
+def test_max_time_never_begins_a_wait_that_ends_past_it(caplog):
+    """A first wait longer than max_time is not begun: retry gives up right after the first failure."""
+    f = Flaky()
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        retry(f, logger=LOG, interval=10, max_time=1)()
+    assert f.calls == 1
+    assert time.monotonic() - started < 5  # not the 10 s wait
+
+
+# -- giveup -------------------------------------------------------------------------------------------
+
+
+def test_giveup_reraises_at_once_errors_that_will_not_heal(caplog):
+    """When giveup(exc) is true the exception is re-raised at once, and other errors are still retried."""
+    seen: List[BaseException] = []
+
+    def giveup(error: BaseException) -> bool:
+        seen.append(error)
+        return isinstance(error, ssl.SSLCertVerificationError)
+
+    cert = Flaky(error=lambda: ssl.SSLCertVerificationError("certificate verify failed"))
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        retry(cert, logger=LOG, max_failures=5, giveup=giveup)()
+    assert cert.calls == 1
+    assert seen == [info.value]
+    assert len(logged(caplog, logging.ERROR)) == 1  # the give-up message
+
+    transient = Flaky(failures=3)
+    assert retry(transient, max_failures=5, giveup=giveup)() == "ok"
+    assert transient.calls == 4
+
+
+# -- message fields and templates ---------------------------------------------------------------------
+
+
+def test_attempt_and_wait_fields_in_both_messages(caplog):
+    """{attempt} is the 1-based failed attempt and {wait} the next wait; the give-up line has its attempt and
+    0.
+    """
+    f = Flaky()
+
+    def operation() -> str:
+        return f()
+
+    decorated = retry(
+        operation,
+        logger=LOG,
+        retry_log_message="{f} failed ({e}) on attempt {attempt}; next in {wait:.3f} s",
+        max_failure_log_message="{f}: giving up after attempt {attempt} ({wait}) on {e!r}",
+        max_failures=2,
+        interval=0.001,
+        backoff=3,
+    )
+    with pytest.raises(OSError):
+        decorated()
+    assert logged(caplog) == [
+        "operation failed () on attempt 1; next in 0.001 s",
+        "operation failed () on attempt 2; next in 0.003 s",
+    ]
+    assert logged(caplog, logging.ERROR) == ["operation: giving up after attempt 3 (0.0) on OSError()"]
+
+
+@pytest.mark.parametrize("argument", ["retry_log_message", "max_failure_log_message"])
+@pytest.mark.parametrize("template", ["{x}", "{f", "{0}", "{attempts}", "{e.no_such_attribute}", "{f!z}"])
+def test_a_template_with_an_unknown_field_fails_at_decoration(argument, template):
+    """A message template naming an unknown or malformed field is a ValueError when retry() is called."""
+    with pytest.raises(ValueError, match=argument):
+        retry(**{argument: template})
+    with pytest.raises(ValueError, match=argument):
+        retry(lambda: None, **{argument: template})
+
+
+@pytest.mark.parametrize("argument", ["retry_log_message", "max_failure_log_message"])
+def test_a_template_must_be_a_string(argument):
+    """A message that is not a str is a TypeError at decoration."""
+    with pytest.raises(TypeError, match=argument):
+        retry(**{argument: 42})
+
+
+def test_the_documented_default_messages_still_format(caplog):
+    """The 0.2.1 default messages are valid templates and still log {f} and {e}."""
+    f = Flaky()
+    with pytest.raises(OSError):
+        retry(f, logger=LOG, max_failures=1)()
+    assert logged(caplog) == ["Connection broken in 'flaky' (error: ''); retrying with new connection."]
+    assert logged(caplog, logging.ERROR) == ["Max retries reached for 'flaky'. Aborting."]
+
+
+# -- never retried -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [gevent.Timeout, GreenletExit, KeyboardInterrupt, lambda: SystemExit(3)],
+    ids=["gevent.Timeout", "GreenletExit", "KeyboardInterrupt", "SystemExit"],
+)
+def test_stop_signals_are_never_retried_even_with_base_exception(make, caplog):
+    """gevent.Timeout, GreenletExit, KeyboardInterrupt and SystemExit propagate at once, even when
+    exc_classes is BaseException.
+    """
+    f = Flaky(error=make)
+    with pytest.raises(BaseException) as info:
+        retry(f, exc_classes=BaseException, logger=LOG, interval=0.001)()
+    assert info.value is f.raised[0]
+    assert f.calls == 1
+    assert logged(caplog) == [] and logged(caplog, logging.ERROR) == []
+
+
+def test_system_exit_keeps_its_code():
+    """SystemExit leaves a retried function with its exit code."""
+    with pytest.raises(SystemExit) as info:
+        retry(Flaky(error=lambda: SystemExit(3)), exc_classes=(BaseException,))()
+    assert info.value.code == 3
+
+
+def test_an_expiring_gevent_timeout_stops_the_retries():
+    """A gevent.Timeout around a function that retries for ever ends it, whether it fires in an attempt or a
+    wait.
+    """
+    f = Flaky()
+
+    @retry(exc_classes=BaseException, interval=0.002)
+    def slow_failure() -> None:
+        gevent.sleep(0.003)
+        f()
+
+    timer = gevent.Timeout(0.1)
+    with pytest.raises(gevent.Timeout) as info, timer:
+        slow_failure()
+    assert info.value is timer
+    calls = f.calls
+    assert calls >= 2
+    gevent.sleep(0.02)
+    assert f.calls == calls
+
+
+def test_killing_a_retrying_greenlet_stops_it():
+    """Killing a greenlet that retries with exc_classes=BaseException ends it: GreenletExit is not retried."""
+    f = Flaky()
+    g = gevent.spawn(retry(f, exc_classes=BaseException, interval=0.001))
+    gevent.sleep(0.02)
+    assert f.calls >= 2
+    g.kill(timeout=5)
+    assert g.dead and isinstance(g.value, GreenletExit)
+    calls = f.calls
+    gevent.sleep(0.01)
+    assert f.calls == calls
+
+
+# -- bad values, keyword-only, signatures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("backoff", 0),
+        ("backoff", 0.5),
+        ("backoff", -2),
+        ("max_interval", -1),
+        ("jitter", -0.1),
+        ("jitter", 1.5),
+        ("max_time", 0),
+        ("max_time", -1),
+    ],
+)
+def test_out_of_range_options_are_value_errors_at_decoration(argument, value):
+    """An out-of-range option is a ValueError naming it, when retry() is called, before any function is
+    decorated.
+    """
+    with pytest.raises(ValueError, match=argument):
+        retry(**{argument: value})
+    with pytest.raises(ValueError, match=argument):
+        retry(lambda: None, **{argument: value})
+
+
+@pytest.mark.parametrize("argument", ["backoff", "max_interval", "jitter", "max_time"])
+@pytest.mark.parametrize("value", ["1", True, float("nan"), [1]], ids=repr)
+def test_non_numeric_options_are_type_errors(argument, value):
+    """A non-number option (or a bool, or NaN) is a TypeError naming it."""
+    with pytest.raises(TypeError, match=argument):
+        retry(**{argument: value})
+
+
+def test_giveup_must_be_callable():
+    """A giveup that is not callable is a TypeError."""
+    with pytest.raises(TypeError, match="giveup"):
+        retry(giveup=True)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("backoff", 1),
+        ("backoff", 2.5),
+        ("max_interval", None),
+        ("jitter", 0),
+        ("jitter", 1),
+        ("max_time", None),
+    ],
+)
+def test_boundary_values_are_accepted(argument, value):
+    """backoff 1, jitter 0 and 1, and None for max_interval and max_time are valid."""
+    assert retry(Flaky(failures=1), interval=0.001, **{argument: value})() == "ok"
+
+
+def test_new_options_are_keyword_only():
+    """The nine 0.2.1 parameters may be positional; a tenth positional argument is a TypeError."""
+    f = Flaky(failures=1)
+    assert retry(f, (OSError,), LOG, logging.DEBUG, "r {f}", 3, 0.001, logging.ERROR, "m {f}")() == "ok"
+    with pytest.raises(TypeError):
+        retry(f, (OSError,), LOG, logging.DEBUG, "r", 3, 0.001, logging.ERROR, "m", 2.0)  # type: ignore[misc]
+
+
+def test_decorated_function_keeps_its_signature_and_arguments():
+    """The wrapper keeps the function's name, doc and signature, and passes all arguments through."""
+
+    def fetch(key: str, *, retries_seen: List[int], default: int = 0) -> str:
+        """Fetch a key."""
+        retries_seen.append(1)
+        if len(retries_seen) < 3:
+            raise ConnectionResetError("reset")
+        return f"{key}={default}"
+
+    decorated = retry(fetch, max_failures=5, backoff=2.0, max_interval=0.01, jitter=0.5, max_time=10)
+    assert decorated.__name__ == "fetch" and decorated.__doc__ == "Fetch a key."
+    assert inspect.signature(decorated) == inspect.signature(fetch)
+    seen: List[int] = []
+    assert decorated("k", retries_seen=seen, default=7) == "k=7"
+    assert len(seen) == 3
+
+
+# -- with a real pool ------------------------------------------------------------------------------------
+
+
+def test_backoff_rides_out_an_outage_of_a_fail_fast_pool(leak_check, caplog):
+    """A retried request against a fail_fast pool backs off through PoolUnavailable and succeeds once the
+    server is up.
+    """
+    server = LineServer()
+    server.start()
+    server.stop()
+
+    class Quick(LinePool):
+        RECONNECT_DELAY = 0.005
+        RECONNECT_MAX_DELAY = 0.02
+
+    class StartServerOnThirdRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("3 ") and not server.running:
+                server.start()
+
+    handler = StartServerOnThirdRetry()
+    LOG.addHandler(handler)
+    try:
+        with Quick(server, 1, fail_fast=True) as pool:
+            gevent.sleep(0)
+            errors: List[BaseException] = []
+
+            @retry(
+                logger=LOG, retry_log_message=WAITS, interval=0.01, backoff=2, max_interval=0.05, max_time=10
+            )
+            def ping() -> bytes:
+                try:
+                    return request(pool, b"PING")
+                except OSError as error:
+                    errors.append(error)
+                    raise
+
+            assert ping() == b"PONG"
+            assert any(isinstance(e, PoolUnavailable) for e in errors)
+            waits = logged_waits(caplog)
+            assert len(waits) >= 3
+            assert waits[:3] == pytest.approx([0.01, 0.02, 0.04])
+    finally:
+        LOG.removeHandler(handler)
+        server.stop()
+    leak_check()
