@@ -5,7 +5,16 @@ import logging
 
 import gevent
 import pytest
-from core_pools import FLAVOURS, FactoryPool, RecordingLinePool, TaggedKeepalivePool, holds, ka_tag, pings
+from core_pools import (
+    FLAVOURS,
+    FactoryPool,
+    RecordingLinePool,
+    TaggedKeepalivePool,
+    close_holding_all,
+    holds,
+    ka_tag,
+    pings,
+)
 from gevent.monkey import get_original
 from helpers import LinePool, recv_line, request, wait_until
 
@@ -349,6 +358,34 @@ def test_keepalive_pings_every_idle_connection_and_never_a_held_one(line_server,
         wait_until(lambda: pings(line_server, held) > count, timeout=10)  # idle again, so pinged again
         assert line_server.accepted == 4
         assert pool.stats().keepalive_failures == 0
+        close_holding_all(pool)
+    leak_check()
+
+
+def test_keepalive_never_touches_a_connection_in_use(line_server, leak_check):
+    """With pings due all the time, callers still read their own replies: held connections are not pinged."""
+    replies = []
+
+    def worker(n):
+        for i in range(8):
+            token = b"w%d-%d" % (n, i)
+            with pool.get() as c:
+                c.sendall(b"ECHO " + token + b"\n")
+                gevent.sleep(0.003)  # hold it across the keepalive period
+                replies.append((token, recv_line(c)))
+            gevent.sleep(0.012)  # and leave it idle long enough to be pinged
+
+    with TaggedKeepalivePool(line_server, 3, keepalive=0.005) as pool:
+        pool.wait(timeout=5)
+        workers = [gevent.spawn(worker, n) for n in range(6)]
+        gevent.joinall(workers, timeout=20, raise_error=True)
+        assert all(w.successful() for w in workers)
+        assert len(replies) == 6 * 8
+        assert [token for token, reply in replies if token != reply] == []
+        wait_until(lambda: all(pings(line_server, c) >= 2 for c in pool.created))
+        stats = pool.stats()
+        assert (stats.keepalive_failures, stats.discarded, stats.opened) == (0, 0, 3)
+        close_holding_all(pool)
     leak_check()
 
 
@@ -406,6 +443,7 @@ def test_keepalive_failure_discards_and_replaces(line_server, leak_check):
         with pool.get() as a, pool.get() as b:
             assert pool.victim is not a
             assert pool.victim is not b
+        close_holding_all(pool)
     leak_check()
 
 
