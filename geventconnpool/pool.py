@@ -401,11 +401,14 @@ class ConnectionPool(Generic[C]):
         for entry in idle:
             self._entries.discard(entry)
         background = [g for g in self._greenlets if g is not gevent.getcurrent()]
-        # Everything is decided; the I/O below may switch greenlets.
-        gevent.killall(background, block=True)
-        self._connecting = 0
-        for entry in idle:
-            self._close_quietly(entry.conn)
+        # Everything is decided; what follows switches greenlets, and may be
+        # interrupted (gunicorn's second signal lands here): close regardless.
+        try:
+            gevent.killall(background, block=True)
+        finally:
+            self._connecting = 0
+            for entry in idle:
+                self._close_quietly(entry.conn)
 
     @property
     def exc_classes(self) -> Tuple[Type[BaseException], ...]:

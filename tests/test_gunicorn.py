@@ -295,12 +295,6 @@ class GoodbyePool(LinePool):
             c.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ConnectionPool.close() takes the idle connections out of the pool, then switches in "
-    "gevent.killall() before closing them; an exception raised into it there skips _close_connection "
-    "for all of them, and a second close() returns at once",
-)
 def test_close_interrupted_by_gunicorns_quick_exit_still_closes_idle_connections(line_server, leak_check):
     """A close() interrupted by SystemExit from another greenlet, as in a gunicorn worker stopped with
     Ctrl-C, still closes every idle connection through _close_connection (the backend sees each QUIT)."""
