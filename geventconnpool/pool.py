@@ -273,6 +273,7 @@ class ConnectionPool(Generic[C]):
         self._pid = os.getpid()
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         self._entries: Set[_Entry[C]] = set()  # every open connection, idle or in use
+        self._checking: Set[_Entry[C]] = set()  # in use by a background keepalive check
         self._last_error: Optional[BaseException] = None
         self._failure_streak = 0
         self._reconnected = Event()
@@ -280,7 +281,9 @@ class ConnectionPool(Generic[C]):
         self._maintained = any(
             value is not None for value in (self.keepalive, self.max_lifetime, self.leak_warning)
         )
-        self._plain_checkout = self.check_after is None and self.leak_warning is None
+        self._plain_checkout = (
+            self.check_after is None and self.leak_warning is None and self.max_lifetime is None
+        )
         if self.keepalive is not None or self.max_lifetime is not None or self.check_after is not None:
             self._entry_class: Type[_Entry[C]] = _TimedEntry
         elif self.leak_warning is not None:
@@ -350,11 +353,13 @@ class ConnectionPool(Generic[C]):
             if self._plain_checkout:
                 self._checkouts += 1
                 return entry
-            check_after = self.check_after
-            if check_after is None or _now() - entry.idle_since < check_after:
+            now = _now()
+            if now < entry.expires_at and (
+                self.check_after is None or now - entry.idle_since < self.check_after
+            ):
                 self._checkouts += 1
                 if self.leak_warning is not None:
-                    entry.lent_at = _now()
+                    entry.lent_at = now
                     entry.lent_from = caller = sys._getframe(1)
                     entry.lent_line = caller.f_lineno
                 return entry
@@ -407,7 +412,12 @@ class ConnectionPool(Generic[C]):
             gevent.killall(background, block=True)
         finally:
             self._connecting = 0
-            for entry in idle:
+            # A keepalive check killed before it started never gave its connection back.
+            unchecked = list(self._checking)
+            self._checking.clear()
+            for entry in unchecked:
+                self._entries.discard(entry)
+            for entry in idle + unchecked:
                 self._close_quietly(entry.conn)
 
     @property
@@ -489,7 +499,13 @@ class ConnectionPool(Generic[C]):
                     raise self._unavailable_error()
                 else:
                     entry = self._wait_for_entry(deadline, limit)  # switches
-            if self.check_after is not None and _now() - entry.idle_since >= self.check_after:
+            now = _now()
+            if now >= entry.expires_at:  # the maintenance greenlet has not recycled it yet
+                self._recycled += 1
+                self._forget(entry)  # switches
+                entry = None
+                continue
+            if self.check_after is not None and now - entry.idle_since >= self.check_after:
                 if not self._check(entry):  # switches
                     entry = None
                     continue
@@ -560,14 +576,25 @@ class ConnectionPool(Generic[C]):
         error.__suppress_context__ = True
         return error
 
-    def _check(self, entry: _Entry[C]) -> bool:
-        """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails."""
+    def _check(self, entry: _Entry[C], in_background: bool = False) -> bool:
+        """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails.
+
+        In a caller's :meth:`get`, a :class:`gevent.Timeout` may be the caller's
+        own and propagates; in the background it can only be the hook's own,
+        and is a failed check like any other error.
+        """
         try:
             self._bounded("_keepalive()", self._keepalive, entry.conn)  # switches
         except self._check_failures as error:
             self._check_failed(entry, error)
             return False
         except Exception as error:
+            self._check_failed(entry, error, unexpected=True)
+            return False
+        except gevent.Timeout as error:
+            if not in_background:
+                self._discard(entry, error)
+                raise
             self._check_failed(entry, error, unexpected=True)
             return False
         except BaseException as error:
@@ -687,7 +714,7 @@ class ConnectionPool(Generic[C]):
         error: BaseException = TypeError("_new_connection() returned None")
         try:
             conn = self._bounded("_new_connection()", self._new_connection)  # switches
-        except Exception as exc:
+        except (Exception, gevent.Timeout) as exc:  # a Timeout here is the hook's own: nobody else waits
             conn, error = None, exc
         if generation != self._generation:
             return None  # the process forked meanwhile: this slot belongs to the parent
@@ -739,6 +766,7 @@ class ConnectionPool(Generic[C]):
         if self.keepalive is not None:
             while self._idle and now - self._idle[0].idle_since >= self.keepalive:
                 entry = self._idle.popleft()
+                self._checking.add(entry)
                 self._spawn("keepalive", _keepalive_check, entry)
             if self._idle:
                 wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
@@ -781,15 +809,19 @@ class ConnectionPool(Generic[C]):
             entry.pool = _ORPHANAGE  # type: ignore[assignment]
         self._idle.clear()
         self._entries.clear()
+        self._checking.clear()
         self._connecting = self.size  # reopened by the child's first call
         self._pid = -1
+        # The parent's greenlets were copied into this process: one may be in
+        # the middle of an exchange on the parent's socket.  Kill them before
+        # the child's hub runs them again (killing only schedules the kill).
+        inherited = list(self._greenlets)
+        self._greenlets.clear()
+        gevent.killall(inherited, block=False)
 
     def _start_in_child(self) -> None:
         """In a child process: stop the parent's greenlets and open connections of our own."""
         self._pid = os.getpid()
-        inherited = list(self._greenlets)
-        self._greenlets.clear()
-        gevent.killall(inherited, block=False)
         self._reset_counters()
         self._last_error = None
         self._failure_streak = 0
@@ -874,8 +906,13 @@ def _maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: in
 
 def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry[Any]) -> None:
     pool = pool_ref()
-    if pool is not None and pool._check(entry):
-        pool._release(entry)
+    if pool is None:
+        return
+    try:
+        if pool._check(entry, in_background=True):
+            pool._release(entry)
+    finally:
+        pool._checking.discard(entry)
 
 
 def _after_fork_in_child() -> None:
