@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import gevent
 import pytest
@@ -97,8 +97,17 @@ def fork(request: pytest.FixtureRequest) -> Callable[[], int]:
     return FORKS[request.param]
 
 
-def run_child(fork: Callable[[], int], child: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Fork; run ``child`` in the child and return what it returned (JSON), or fail with its traceback."""
+def run_child(
+    fork: Callable[[], int],
+    child: Callable[[], Any],
+    timeout: float = 20.0,
+    meanwhile: Optional[Callable[[], Any]] = None,
+) -> Any:
+    """Fork; run ``child`` in the child and return what it returned (JSON), or fail with its traceback.
+
+    ``meanwhile`` runs in a greenlet of the parent, spawned after the fork (so the child has no copy of
+    it), while the child runs; its errors are raised here.
+    """
     read_end, write_end = os.pipe()
     pid = fork()
     if pid == 0:  # the child: never return into pytest
@@ -114,6 +123,7 @@ def run_child(fork: Callable[[], int], child: Callable[[], Any], timeout: float 
         finally:
             os._exit(0)
     os.close(write_end)
+    parent_work = gevent.spawn(meanwhile) if meanwhile is not None else None
     try:
         deadline = time.monotonic() + timeout
         status = None
@@ -138,6 +148,8 @@ def run_child(fork: Callable[[], int], child: Callable[[], Any], timeout: float 
             chunks.append(chunk)
     finally:
         os.close(read_end)
+    if parent_work is not None:
+        parent_work.get(timeout=timeout)
     assert chunks, f"the child {pid} exited ({status}) without a report"
     report = json.loads(b"".join(chunks))
     assert "error" not in report, "the child failed:\n" + report["error"]
@@ -211,6 +223,7 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
                     ports.add(local_port(c))
                     replies.append(talk(c, f"ECHO req {me} {local_port(c)}-{i}"))
                 gevent.sleep(0)
+            pool.wait(timeout=5)
             expected = [f"req {me} " for _ in range(50)]
             mixed = [r for r, e in zip(replies, expected) if not r.startswith(e)]
             return {
@@ -230,9 +243,7 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
                     parent_replies.append(talk(c, f"ECHO req {os.getpid()} {local_port(c)}-{i}"))
                 gevent.sleep(0.001)
 
-        talker = gevent.spawn(parent_talks)
-        report = run_child(fork, child)
-        talker.get(timeout=10)
+        report = run_child(fork, child, meanwhile=parent_talks)
 
         child_ports = set(report["ports"])
         assert report["mixed"] == [], "the child got replies meant for the parent"
@@ -288,6 +299,39 @@ def test_child_never_closes_or_pings_the_parents_connections(fork, threaded_serv
             assert {local_port(a), local_port(b)} == parent_ports
             assert talk(a, "PING") == "PONG" and talk(b, "WHO") == str(local_port(b))
         assert pool.stats().discarded == 0
+    threaded_server.stop()
+    leak_check()
+
+
+def test_child_closing_the_pool_before_using_it_leaves_the_parents_connections(
+    fork, threaded_server, leak_check
+):
+    """A child that closes the inherited pool at once closes nothing of the parent's connections."""
+    server = threaded_server.server
+    with TracingPool(server, 2, keepalive=0.02, max_lifetime=30, leak_warning=30) as pool:
+        pool.wait(timeout=5)
+        parent_ports = own_ports(pool)
+
+        def child() -> Dict[str, Any]:
+            s = pool.stats()
+            pool.close()
+            gevent.sleep(0.1)
+            return {
+                "gauges": [s.idle, s.in_use, s.connecting, s.size],
+                "counters": [s.checkouts, s.opened],
+                "closes": pool.closes,
+                "closed": pool.closed,
+            }
+
+        report = run_child(fork, child)
+        idle, in_use, connecting, size = report["gauges"]
+        assert idle + in_use + connecting == size == 2
+        assert idle == 0
+        assert report["closes"] == [] and report["closed"] is True
+        with pool.get(timeout=5) as a, pool.get(timeout=5) as b:
+            assert {local_port(a), local_port(b)} == parent_ports
+            assert talk(a, "PING") == "PONG" and talk(b, "PING") == "PONG"
+        assert pool.stats().discarded == 0 and pool.stats().keepalive_failures == 0
     threaded_server.stop()
     leak_check()
 

@@ -676,6 +676,71 @@ def test_check_failing_while_the_pool_closes_raises_pool_closed(leak_check):
     leak_check()
 
 
+def test_check_passing_while_the_pool_closes_raises_pool_closed(leak_check):
+    """A check_after check that passes after close() began gives the caller PoolClosed, and closes it."""
+    pool = FakePool(1, check_after=0.01)
+    pool.wait(timeout=5)
+    gevent.sleep(0.05)
+    pool.keepalive_gate.clear()
+    g = gevent.spawn(lambda: pool.get().__enter__())
+    wait_until(lambda: len(pool.keepalive_calls) == 1)
+    pool.close()
+    pool.keepalive_gate.set()
+    with pytest.raises(PoolClosed):
+        g.get(timeout=5)
+    assert pool.conns[0].closed == 1 and len(pool.conns) == 1
+    assert pool.stats().keepalive_failures == 0
+    leak_check()
+
+
+def test_a_hung_check_fails_after_connect_timeout(leak_check):
+    """A _keepalive that never returns fails after connect_timeout; the caller gets a fresh connection
+    instead.
+    """
+    pool = FakePool(1, check_after=0.01, connect_timeout=0.05)
+    try:
+        pool.wait(timeout=5)
+        gevent.sleep(0.05)
+        pool.keepalive_gate.clear()  # the check hangs
+        with pool.get(timeout=5) as c:
+            assert c.number == 1  # the replacement, too young to need a check
+        assert pool.conns[0].closed == 1
+        s = pool.stats()
+        assert (s.keepalive_failures, s.discarded, s.opened) == (1, 1, 2)
+    finally:
+        free_gates(pool)
+        pool.close()
+    leak_check()
+
+
+@pytest.mark.parametrize("kill_first", [True, False], ids=["killed-before-it-runs", "killed-in-its-block"])
+def test_a_waiter_killed_as_it_is_handed_a_connection_loses_nothing(leak_check, kill_first):
+    """A waiter killed just as it is handed a connection gives it back (or it is replaced): none is lost."""
+    with FakePool(1) as pool:
+        pool.wait(timeout=5)
+        got: list[FakeConn] = []
+
+        def waiter() -> None:
+            with pool.get(timeout=5) as c:
+                got.append(c)
+                gevent.sleep(10)
+
+        with pool.get() as held:
+            w = gevent.spawn(waiter)
+            wait_until(lambda: pool.stats().waiting == 1)
+            if kill_first:
+                w.kill(block=False)  # runs before the waiter is told it was handed the connection
+        # Leaving the block handed the connection to the waiter, which has not run yet.
+        w.kill(block=True, timeout=5)
+        assert w.dead
+        with pool.get(timeout=1) as c:
+            assert c is held if kill_first else c.number == 1
+        assert got == ([] if kill_first else [held])
+        s = pool.stats()
+        assert s.idle + s.in_use + s.connecting == 1 and s.waiting == 0
+    leak_check()
+
+
 def test_background_keepalive_interrupted_by_close(leak_check):
     """close() stops a keepalive check in progress and closes its connection exactly once."""
     pool = FakePool(2, keepalive=0.02)
@@ -906,7 +971,7 @@ def test_stats_gauges_invariant_under_churn(line_server, leak_check):
     violations: list[PoolStats] = []
     observations = [0]
     with FastLinePool(
-        line_server, 4, keepalive=0.01, check_after=0.005, max_lifetime=0.15, timeout=0.05
+        line_server, 4, keepalive=0.01, check_after=0.005, max_lifetime=0.1, timeout=0.05
     ) as pool:
         pool.wait(timeout=5)
         deadline = time.monotonic() + 1.5
@@ -929,7 +994,7 @@ def test_stats_gauges_invariant_under_churn(line_server, leak_check):
                 try:
                     with pool.get() as c:
                         observe()
-                        if (i + n) % 5 == 0:
+                        if (i + n) % 23 == 0:
                             raise OSError("discard this one")
                         c.sendall(b"PING\n")
                         recv_line(c)
@@ -940,8 +1005,8 @@ def test_stats_gauges_invariant_under_churn(line_server, leak_check):
                 gevent.sleep(0.001 * (n % 3))
 
         def saboteur() -> None:
-            for _ in range(4):
-                gevent.sleep(0.15)
+            for _ in range(2):
+                gevent.sleep(0.3)
                 line_server.cut_all()
                 observe()
             line_server.stop()
