@@ -785,6 +785,33 @@ def test_leak_warning_logs_once_per_loan_with_the_get_stack(line_server, leak_ch
     leak_check()
 
 
+def test_leak_warning_names_the_get_of_a_loan_that_had_to_wait(line_server, leak_check, caplog):
+    """A loan obtained after waiting in get() is watched too; its warning shows the waiting caller's stack."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with LinePool(line_server, 1, leak_warning=0.05, name="waited") as pool:
+        pool.wait(timeout=5)
+        release = Event()
+
+        def borrower_that_waited() -> None:
+            with pool.get(timeout=5):
+                release.wait(5)
+
+        with pool.get():
+            g = gevent.spawn(borrower_that_waited)
+            wait_until(lambda: pool.stats().waiting == 1)
+
+        def about_the_waiter() -> list[str]:
+            messages = [r.getMessage() for r in records(caplog, logging.WARNING)]
+            return [m for m in messages if "borrower_that_waited" in m]
+
+        wait_until(about_the_waiter)
+        gevent.sleep(0.2)
+        release.set()
+        g.get(timeout=5)
+        assert len(about_the_waiter()) == 1
+    leak_check()
+
+
 def test_no_leak_warning_when_off(line_server, leak_check, caplog):
     """Without leak_warning a long loan logs nothing."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)

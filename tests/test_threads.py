@@ -84,3 +84,28 @@ def test_wait_from_another_thread_raises_runtime_error(line_server, leak_check):
         assert kind == "error" and isinstance(error, RuntimeError)
         pool.wait(timeout=5)
     leak_check()
+
+
+def test_a_pool_made_in_another_thread_works_there(line_server, leak_check):
+    """A pool made in a second thread serves that thread's greenlets, and refuses the main thread."""
+    made: List[LinePool] = []
+
+    def in_thread() -> List[bytes]:
+        hub = gevent.get_hub()
+        try:
+            with LinePool(line_server, 2, name="worker-pool") as pool:
+                made.append(pool)
+                pool.wait(timeout=5)
+                replies = gevent.joinall(
+                    [gevent.spawn(request, pool, f"ECHO t{i}".encode()) for i in range(4)], timeout=5
+                )
+                return [g.get() for g in replies]
+        finally:
+            hub.destroy(destroy_loop=True)
+
+    kind, replies, _ = run_in_real_thread(in_thread)
+    assert kind == "ok", replies
+    assert sorted(replies) == [b"t0", b"t1", b"t2", b"t3"]  # type: ignore[call-overload]
+    with pytest.raises(RuntimeError, match="worker-pool"):
+        made[0].get(timeout=0)
+    leak_check()
