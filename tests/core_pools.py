@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, List
 
 from gevent import socket
@@ -96,18 +95,3 @@ FLAVOURS = {
     "leak_warning": {"leak_warning": 60},
     "max_lifetime": {"max_lifetime": 600},
 }
-
-
-def close_holding_all(pool: ConnectionPool[Any]) -> None:
-    """Close ``pool`` while this greenlet holds every one of its connections.
-
-    With a short ``keepalive``, a plain ``close()`` may land just after the pool
-    took idle connections out for checks that have not started yet, and those
-    connections are then never closed: the bug pinned by
-    test_core.py::test_close_closes_connections_taken_for_a_keepalive_check.
-    Tests about something else close this way so that they do not trip over it.
-    """
-    with contextlib.ExitStack() as stack:
-        for _ in range(pool.size):
-            stack.enter_context(pool.get(timeout=5))
-        pool.close()

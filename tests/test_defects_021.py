@@ -124,12 +124,6 @@ def test_defect1_any_exception_is_a_failed_attempt(leak_check):
     leak_check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a gevent.Timeout escaping _new_connection() (the user's own handshake timeout) is not "
-    "caught by _connect_once()/_connect_loop() (they catch Exception only): the connect greenlet dies "
-    "and its slot stays 'connecting' for ever",
-)
 def test_defect1_handshake_timeout_in_new_connection_does_not_shrink_the_pool(leak_check):
     """A gevent.Timeout that _new_connection's own handshake lets escape is a failed attempt, retried.
 
