@@ -436,12 +436,6 @@ class SlowCheckPool(TracingPool):
         return sock
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.py: the parent's greenlets are killed only by the child's first get()/wait() "
-    "(_check_caller -> _start_in_child); until then an inherited keepalive check or connect resumes in "
-    "the child and finishes its exchange on the parent's socket, stealing the parent's reply",
-)
 @pytest.mark.parametrize("what", ["ka", "hello"], ids=["keepalive", "connect-handshake"])
 def test_parent_greenlet_in_flight_at_fork_does_nothing_in_the_child(fork, threaded_server, leak_check, what):
     """A keepalive or connect in flight in the parent at fork time is not resumed in the child, which does not

@@ -535,11 +535,6 @@ def test_max_lifetime_never_closes_a_held_connection(line_server, leak_check):
     leak_check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.py _acquire() lends an idle connection past its max_lifetime when the maintenance "
-    "greenlet is late (it never checks entry.expires_at when taking from _idle)",
-)
 def test_an_expired_idle_connection_is_never_lent(leak_check):
     """get() never lends an idle connection older than max_lifetime, even while maintenance is busy."""
     lifetime = 0.2
