@@ -1,0 +1,352 @@
+"""A model-based test: random sequences of loans, returns, kills, outages, keepalive ticks and close.
+
+Hypothesis drives a pool of scripted in-memory connections (the pool treats
+connections as black boxes) through random steps, and after every step checks
+the pool against a simple model of what it must hold: holders never share a
+connection, nothing held or idle is closed, the gauges sum to ``size`` while
+the pool is open, the counters agree with the connections made and closed,
+waiters are served first come first served, and a closed pool lends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import gevent
+import pytest
+from gevent.event import AsyncResult, Event
+from greenlet import GreenletExit
+from helpers import pool_greenlets, wait_until
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from geventconnpool import ConnectionPool, PoolClosed
+
+KEEPALIVE = 0.02
+
+
+class Remote:
+    """The far end: up or down, and every connection ever made to it."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.conns: List[FakeConn] = []
+
+
+class FakeConn:
+    """A scripted connection: broken when the remote went down under it; counts its closes and holders."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.broken = False
+        self.closed = 0
+        self.holders = 0
+        self.pings = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def __repr__(self) -> str:
+        return f"<conn {self.n}{' broken' if self.broken else ''}{' closed' if self.closed else ''}>"
+
+
+class ModelPool(ConnectionPool[FakeConn]):
+    RECONNECT_DELAY = 0.001
+    RECONNECT_MAX_DELAY = 0.005
+
+    def __init__(self, remote: Remote, size: int, **kwargs: Any) -> None:
+        self.remote = remote
+        super().__init__(size, **kwargs)
+
+    def _new_connection(self) -> FakeConn:
+        if not self.remote.up:
+            raise ConnectionRefusedError("the remote is down")
+        conn = FakeConn(len(self.remote.conns))
+        self.remote.conns.append(conn)
+        return conn
+
+    def _keepalive(self, c: FakeConn) -> None:
+        c.pings += 1
+        if c.broken:
+            raise ConnectionResetError("keepalive: no answer")
+
+
+class Holder:
+    """A greenlet that borrows a connection, holds it, and gives it back as told."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.state = "asking"  # asking -> waiting/holding -> done
+        self.conn: Optional[FakeConn] = None
+        self.command: AsyncResult = AsyncResult()
+        self.outcome = ""
+        self.greenlet: Optional[gevent.Greenlet] = None
+
+    def __repr__(self) -> str:
+        return f"<holder {self.n} {self.state} {self.conn!r} {self.outcome}>"
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """The pool against the model, one random step at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote = Remote()
+        self.pool: Optional[ModelPool] = None
+        self.holders: List[Holder] = []
+        self.served: List[int] = []  # holder numbers, in the order they got a connection
+        self.shared: List[FakeConn] = []  # connections found with two holders at once
+        self.discards = 0  # discards the model expects from holders, while the pool is open
+        self.closed = False
+        self.served_at_close = 0
+
+    # -- set-up and the holders ---------------------------------------------------------------
+
+    @initialize(size=st.integers(min_value=1, max_value=4))
+    def make_pool(self, size: int) -> None:
+        self.pool = ModelPool(self.remote, size, keepalive=KEEPALIVE, timeout=None, name="model")
+        self.pool.wait(timeout=5)
+
+    def _hold(self, holder: Holder) -> None:
+        assert self.pool is not None
+        holder.state = "waiting"
+        try:
+            with self.pool.get() as c:
+                holder.conn = c
+                holder.state = "holding"
+                self.served.append(holder.n)
+                c.holders += 1
+                if c.holders > 1:
+                    self.shared.append(c)
+                try:
+                    command = holder.command.get()
+                finally:
+                    c.holders -= 1
+                if command == "error":
+                    raise ConnectionResetError("the request failed")
+                if command == "other":
+                    raise ValueError("an application error")
+                if command == "timeout":
+                    with gevent.Timeout(0.001):
+                        Event().wait()
+            holder.outcome = "returned"
+        except ConnectionResetError:
+            holder.outcome = "error"
+        except ValueError:
+            holder.outcome = "other"
+        except PoolClosed:
+            holder.outcome = "closed"
+        except gevent.Timeout:
+            holder.outcome = "timeout"
+        except GreenletExit:
+            holder.outcome = "killed"
+        finally:
+            holder.state = "done"
+
+    def _by_state(self, state: str) -> List[Holder]:
+        return [h for h in self.holders if h.state == state]
+
+    def _settle(self) -> None:
+        """Let the pool's greenlets run until nothing is in flight: no check running, no holder asking,
+        no waiter handed a connection it has not picked up, (remote up) no slot connecting, and no broken
+        connection left idle (the keepalive finds each within KEEPALIVE seconds).
+
+        So the state after each step does not depend on how fast the machine is.
+        """
+        assert self.pool is not None
+        pool = self.pool
+
+        def quiet() -> bool:
+            if self._by_state("asking"):
+                return False
+            s = pool.stats()
+            if s.in_use != len(self._by_state("holding")) or s.waiting != len(self._by_state("waiting")):
+                return False
+            if [c for c in self._idle_conns() if c.broken]:
+                return False
+            return self.closed or not self.remote.up or s.connecting == 0
+
+        wait_until(quiet, timeout=5, message=lambda: repr((pool, self.holders)))
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    @precondition(lambda self: len([h for h in self.holders if h.state != "done"]) < 6)
+    @rule()
+    def get(self) -> None:
+        """A greenlet asks for a connection and holds it (or waits for one)."""
+        holder = Holder(len(self.holders))
+        self.holders.append(holder)
+        holder.greenlet = gevent.spawn(self._hold, holder)
+        self._settle()
+        if self.closed:
+            assert holder.outcome == "closed"
+
+    def _release(self, data: st.DataObject, command: str) -> None:
+        holder = data.draw(st.sampled_from(self._by_state("holding")))
+        if command in ("error", "timeout") and not self.closed:
+            self.discards += 1
+        holder.command.set(command)
+        wait_until(lambda: holder.state == "done")
+        assert holder.outcome == {"ok": "returned"}.get(command, command)
+        self._settle()
+
+    @precondition(lambda self: self._by_state("holding"))
+    @rule(data=st.data())
+    def give_back(self, data: st.DataObject) -> None:
+        """A holder's block ends normally: the connection goes back to the pool."""
+        self._release(data, "ok")
+
+    @precondition(lambda self: self._by_state("holding"))
+    @rule(data=st.data())
+    def give_back_broken(self, data: st.DataObject) -> None:
+        """A holder's block raises one of exc_classes: the connection is discarded."""
+        self._release(data, "error")
+
+    @precondition(lambda self: self._by_state("holding"))
+    @rule(data=st.data())
+    def give_back_after_app_error(self, data: st.DataObject) -> None:
+        """A holder's block raises another error: the connection goes back to the pool."""
+        self._release(data, "other")
+
+    @precondition(lambda self: self._by_state("holding"))
+    @rule(data=st.data())
+    def time_out_holder(self, data: st.DataObject) -> None:
+        """A holder is interrupted by gevent.Timeout mid-request: the connection is discarded."""
+        self._release(data, "timeout")
+
+    @precondition(lambda self: self._by_state("holding") or self._by_state("waiting"))
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        """A holder or a waiter is killed with Greenlet.kill()."""
+        holder = data.draw(st.sampled_from(self._by_state("holding") + self._by_state("waiting")))
+        if holder.state == "holding" and not self.closed:
+            self.discards += 1
+        assert holder.greenlet is not None
+        holder.greenlet.kill()
+        assert holder.outcome == "killed"
+        self._settle()
+
+    @precondition(lambda self: self.remote.up)
+    @rule()
+    def remote_down(self) -> None:
+        """The remote goes down: every connection breaks, and new connects are refused."""
+        self.remote.up = False
+        for conn in self.remote.conns:
+            conn.broken = True
+        self._settle()
+
+    @precondition(lambda self: not self.remote.up)
+    @rule()
+    def remote_up(self) -> None:
+        """The remote comes back: connects succeed again."""
+        self.remote.up = True
+        self._settle()
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def keepalive_tick(self) -> None:
+        """Time passes: every idle connection is checked again, and none held is."""
+        idle = {c: c.pings for c in self._idle_conns()}
+        held = {c: c.pings for c in self._held_conns()}
+        wait_until(lambda: all(c.pings > pings for c, pings in idle.items()), timeout=5)
+        self._settle()
+        assert all(c.pings == pings for c, pings in held.items())
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def close(self) -> None:
+        """The pool is closed while holders and waiters may remain."""
+        assert self.pool is not None
+        waiting = self._by_state("waiting")
+        self.pool.close()
+        self.closed = True
+        self.served_at_close = len(self.served)
+        wait_until(lambda: all(h.state == "done" for h in waiting))
+        assert all(h.outcome == "closed" for h in waiting)
+        self._settle()
+
+    # -- the model's view -----------------------------------------------------------------------
+
+    def _held_conns(self) -> List[FakeConn]:
+        return [h.conn for h in self._by_state("holding") if h.conn is not None]
+
+    def _idle_conns(self) -> List[FakeConn]:
+        held = {id(c) for c in self._held_conns()}
+        return [c for c in self.remote.conns if not c.closed and id(c) not in held]
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def holders_never_share(self) -> None:
+        held = self._held_conns()
+        assert self.shared == []
+        assert len({id(c) for c in held}) == len(held)
+        assert not [c for c in held if c.closed]
+
+    @invariant()
+    def nothing_closed_twice(self) -> None:
+        assert all(c.closed <= 1 for c in self.remote.conns)
+
+    @invariant()
+    def gauges_and_counters_add_up(self) -> None:
+        if self.pool is None:
+            return
+        s = self.pool.stats()
+        holding = len(self._by_state("holding"))
+        assert s.in_use == holding
+        assert s.waiting == len(self._by_state("waiting"))
+        assert s.opened == len(self.remote.conns)
+        if self.closed:
+            assert (s.idle, s.connecting) == (0, 0)
+            return
+        assert s.idle + s.in_use + s.connecting == s.size
+        assert s.idle == len(self._idle_conns())
+        assert s.opened - s.discarded - s.recycled == s.idle + s.in_use
+        assert s.discarded == self.discards + s.keepalive_failures
+        assert len([c for c in self.remote.conns if c.closed]) == s.discarded
+        if s.waiting:
+            assert s.idle == 0
+        if self.remote.up:
+            assert s.connecting == 0
+
+    @invariant()
+    def first_come_first_served(self) -> None:
+        assert self.served == sorted(self.served)
+        served = set(self.served)
+        for earlier in self.holders:
+            for later in self.holders[earlier.n + 1 :]:
+                if later.n in served and earlier.n not in served:
+                    assert earlier.state == "done", (earlier, later)  # it left the queue first
+
+    @invariant()
+    def closed_pool_lends_nothing(self) -> None:
+        if self.closed:
+            assert len(self.served) == self.served_at_close
+
+    def teardown(self) -> None:
+        if self.pool is None:
+            return
+        self.pool.close()
+        for holder in self.holders:
+            holder.command.set("ok")
+        greenlets = [h.greenlet for h in self.holders if h.greenlet is not None]
+        gevent.joinall(greenlets, timeout=5)
+        assert all(g.dead for g in greenlets)
+        assert all(c.closed == 1 for c in self.remote.conns), self.remote.conns
+        assert self.pool.stats().in_use == 0
+        name = self.pool.name
+        wait_until(lambda: not [g for g in pool_greenlets() if name in g.name])
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.mark.watchdog(120)
+class TestPoolModel(PoolMachine.TestCase):  # type: ignore[misc,valid-type]
+    """The pool agrees with the model after every step of random runs."""
