@@ -2,6 +2,8 @@
 
 import imaplib
 import logging
+import socket
+import ssl
 
 import gevent
 import pytest
@@ -14,8 +16,11 @@ from core_pools import (
     ka_tag,
     pings,
 )
+from gevent import socket as gsocket
 from gevent.monkey import get_original
 from helpers import LinePool, recv_line, request, wait_until
+
+from geventconnpool import ConnectionPool
 
 
 def test_documented_imports():
@@ -463,4 +468,55 @@ def test_retry_on_methods_with_a_real_pool(line_server, leak_check):
         assert Client.echo.__doc__ == "Echo text through the server."
         assert pool.stats().discarded == client.attempts - 2
         assert line_server.accepted >= 3
+    leak_check()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError(104, "reset"),
+        BrokenPipeError(32, "broken pipe"),
+        socket.timeout("timed out"),
+        ssl.SSLError("bad record mac"),
+        ssl.SSLEOFError("EOF occurred in violation of protocol"),
+        imaplib.IMAP4.abort("socket error: EOF"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_subclasses_of_exc_classes_discard(error, leak_check):
+    """Subclasses of exc_classes discard too: the OSError family (resets, timeouts, SSL errors) by default."""
+    exc_classes = (OSError, imaplib.IMAP4.error)
+    with FactoryPool(1, Closable, exc_classes=exc_classes) as pool:
+        pool.wait(timeout=5)
+        with pytest.raises(type(error)) as info, pool.get() as c:
+            victim = c
+            raise error
+        assert info.value is error
+        assert pool.dropped == [victim]
+        assert victim.close_calls == 1
+        pool.wait(timeout=5)
+        with pool.get() as c:
+            assert c is not victim
+    leak_check()
+
+
+class LateConfiguredPool(ConnectionPool):
+    """A pool that sets what _new_connection needs after calling ConnectionPool.__init__, a common style."""
+
+    def __init__(self, server, size):
+        super().__init__(size)
+        self.server_address = server.address
+
+    def _new_connection(self):
+        return gsocket.create_connection(self.server_address, timeout=5)
+
+
+def test_attributes_set_after_super_init_are_seen_by_new_connection(line_server, leak_check):
+    """The constructor only schedules the connects: attributes set after super().__init__() are in place."""
+    with LateConfiguredPool(line_server, 3) as pool:
+        pool.wait(timeout=5)
+        assert request(pool, b"ECHO late") == b"late"
+        stats = pool.stats()
+        assert (stats.idle, stats.failed_connects) == (3, 0)
+        assert line_server.accepted == 3
     leak_check()
