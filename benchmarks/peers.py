@@ -17,6 +17,8 @@ prints it and drops the row.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Type
 
 import gevent
@@ -28,6 +30,18 @@ Connect = Callable[[], Any]
 
 class Unavailable(Exception):
     """This row cannot run here; the message says why."""
+
+
+def not_installed(distribution: str, error: ImportError) -> Unavailable:
+    """Why ``distribution`` cannot be imported: pip's reason when the venv could not install it."""
+    try:
+        with open(os.path.join(sys.prefix, ".peers-not-installed")) as f:
+            for line in f:
+                if line.lower().startswith(distribution.lower()):
+                    return Unavailable(f"not installed in the benchmark's venv: {line.strip()}")
+    except OSError:
+        pass
+    return Unavailable(f"cannot import it: {error}")
 
 
 def roundtrip(c: Any) -> None:
@@ -360,7 +374,7 @@ class SQLAlchemyQueuePool(Adapter):
             import sqlalchemy
             from sqlalchemy.pool import QueuePool
         except ImportError as e:
-            raise Unavailable(f"cannot import sqlalchemy: {e}") from None
+            raise not_installed("SQLAlchemy", e) from None
         self.version = sqlalchemy.__version__
         self.name = f"SQLAlchemy {self.version} QueuePool"
         timeout = options.get("timeout") or 30.0
@@ -408,7 +422,7 @@ class GSocketPool(Adapter):
             import gsocketpool
             from gsocketpool.connection import Connection
         except ImportError as e:
-            raise Unavailable(f"cannot import gsocketpool: {e}") from None
+            raise not_installed("gsocketpool", e) from None
 
         class SockConnection(Connection):  # type: ignore[misc]
             def __init__(self) -> None:
@@ -476,8 +490,10 @@ class SocketPool(Adapter):
         try:
             from socketpool import ConnectionPool
             from socketpool.conn import Connector
-        except Exception as e:  # socketpool is from 2013: any import error means it does not work here
-            raise Unavailable(f"cannot import socketpool: {e!r}") from None
+        except ImportError as e:
+            raise not_installed("socketpool", e) from None
+        except Exception as e:  # socketpool is from 2013: any error on import means it does not work here
+            raise Unavailable(f"importing it fails on this Python: {e!r}") from None
         from socketpool import util
 
         class SockConnector(Connector):  # type: ignore[misc]
@@ -554,7 +570,7 @@ class GenericConnectionPool(Adapter):
             from generic_connection_pool.contrib.socket import SocketAlivenessCheckingMixin
             from generic_connection_pool.threading import BaseConnectionManager, ConnectionPool
         except ImportError as e:
-            raise Unavailable(f"cannot import generic_connection_pool: {e}") from None
+            raise not_installed("generic-connection-pool", e) from None
         try:
             from importlib.metadata import version
 

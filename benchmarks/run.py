@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VENV = HERE / ".venv"
 IN_VENV_FLAG = "GEVENTCONNPOOL_BENCH_INNER"
+NOT_INSTALLED = ".peers-not-installed"
 SCENARIOS = ("checkout", "contended", "tls", "recovery", "memory")
 
 # The peers, pinned so that two runs compare the same code (SQLAlchemy 2.1 needs Python 3.10).
@@ -111,9 +112,16 @@ def ensure_venv() -> Path:
         if result.returncode != 0:
             print(result.stdout, file=sys.stderr)
             raise SystemExit(f"could not install gevent and trustme into {venv}")
+        missing = []
         for peer in PEERS:
-            if _pip_install(python, [peer]).returncode != 0:
-                print(f"  note: could not install {peer} on Python {platform.python_version()}", flush=True)
+            failed = _pip_install(python, [peer])
+            if failed.returncode != 0:
+                errors = [line for line in failed.stdout.splitlines() if line.startswith("ERROR")]
+                reason = errors[0] if errors else "pip failed"
+                missing.append(f"{peer}: {reason}")
+                print(f"  note: could not install {peer} on Python {platform.python_version()}: {reason}")
+        # The measuring process reads this to say why a peer's row is dropped.
+        (venv / NOT_INSTALLED).write_text("".join(line + "\n" for line in missing))
     marker.write_text(stamp + "\n")
     return python
 

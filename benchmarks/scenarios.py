@@ -634,7 +634,9 @@ def scenario_memory(redis: Redis, settings: Settings) -> Table:
                             stack.enter_context(row.checkout())
         except Exception as e:
             tracemalloc.stop()
-            print(f"  note: dropped {row.name} from the memory table: {e!r}", flush=True)
+            if row in passes[1]:
+                why = str(e) if isinstance(e, Unavailable) else repr(e)
+                print(f"  note: dropped {row.name} from the memory table: {why}", flush=True)
             continue
         gevent.sleep(0.05)  # let the connecting greenlets finish
         gc.collect()
