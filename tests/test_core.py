@@ -17,10 +17,11 @@ from core_pools import (
     pings,
 )
 from gevent import socket as gsocket
+from gevent.event import Event
 from gevent.monkey import get_original
 from helpers import LinePool, recv_line, request, wait_until
 
-from geventconnpool import ConnectionPool
+from geventconnpool import ConnectionPool, PoolTimeout
 
 
 def test_documented_imports():
@@ -436,6 +437,56 @@ def test_keepalive_failure_discards_and_replaces(line_server, leak_check):
         with pool.get() as a, pool.get() as b:
             assert pool.victim is not a
             assert pool.victim is not b
+    leak_check()
+
+
+class StuckPingPool(TaggedKeepalivePool):
+    """A pool whose first keepalive check hangs until the test releases it, like a peer gone silent."""
+
+    def __init__(self, *args, **kwargs):
+        self.stuck = None
+        self.release = Event()
+        super().__init__(*args, **kwargs)
+
+    def _keepalive(self, c):
+        if self.stuck is None:
+            self.stuck = c
+            self.release.wait()
+        super()._keepalive(c)
+
+
+def test_a_hung_keepalive_does_not_delay_the_others(line_server, leak_check):
+    """While one connection's keepalive hangs, every other idle connection is still pinged each period."""
+    with StuckPingPool(line_server, 3, keepalive=0.05, connect_timeout=30) as pool:
+        pool.wait(timeout=5)
+        wait_until(lambda: pool.stuck is not None)
+        others = [c for c in pool.created if c is not pool.stuck]
+        wait_until(lambda: all(pings(line_server, c) >= 3 for c in others), timeout=10)
+        assert pings(line_server, pool.stuck) == 0
+        with pool.get() as a, pool.get() as b:  # the stuck check holds its connection: nobody else gets it
+            assert pool.stuck is not a
+            assert pool.stuck is not b
+            with pytest.raises(PoolTimeout):
+                pool.get(timeout=0.1)
+        pool.release.set()
+        wait_until(lambda: pings(line_server, pool.stuck) >= 1)
+        assert pool.stats().keepalive_failures == 0
+    leak_check()
+
+
+def test_a_keepalive_that_hangs_past_connect_timeout_discards(line_server, leak_check):
+    """A keepalive that hangs longer than connect_timeout counts as failed: the connection is replaced."""
+    with StuckPingPool(line_server, 2, keepalive=0.05, connect_timeout=0.1) as pool:
+        pool.wait(timeout=5)
+        wait_until(lambda: pool.stats().keepalive_failures == 1, timeout=10)
+        assert pool.dropped == [pool.stuck]
+        assert pool.stuck.fileno() == -1
+        pool.wait(timeout=5)
+        assert pool.stats().opened == 3
+        with pool.get() as a, pool.get() as b:
+            assert pool.stuck is not a
+            assert pool.stuck is not b
+        pool.release.set()
     leak_check()
 
 
