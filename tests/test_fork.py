@@ -26,6 +26,10 @@ from geventconnpool import ConnectionPool
 
 start_new_thread = get_original("_thread", "start_new_thread")
 
+# Python 3.12+ warns on fork() in a process with threads.  Here the only other thread is the
+# test's server thread, which the child never touches: it reports over a pipe and os._exit()s.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
 
 class ServerThread:
     """A LineServer served by another OS thread, which a forked child does not inherit."""
