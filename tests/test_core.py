@@ -59,6 +59,7 @@ def test_construction_does_not_block_and_opens_all_connections_at_once(line_serv
     with HandshakePool(line_server, 50) as pool:
         assert line_server.accepted == 0
         assert pool.stats().connecting == 50
+        assert "size=50 idle=0 in_use=0 connecting=50" in repr(pool)
         assert pool.stats().idle == 0
         # All 50 are mid-handshake together: impossible if they were opened one after another.
         wait_until(lambda: len(line_server.commands) == 50, timeout=10)
