@@ -187,7 +187,8 @@ class ConnectionPool(Generic[C]):
     :param timeout: seconds :meth:`get` waits for a free connection before it
         raises :class:`~geventconnpool.PoolTimeout`; ``None`` waits for ever.
     :param connect_timeout: seconds allowed to each call of
-        :meth:`_new_connection` and of :meth:`_keepalive`; ``None`` for no limit.
+        :meth:`_new_connection`, :meth:`_keepalive` and :meth:`_close_connection`;
+        ``None`` for no limit.
     :param max_lifetime: seconds; a connection older than a lifetime drawn
         between 90% and 100% of it is closed and replaced when idle or when it
         comes back.  ``None`` keeps connections for ever.
@@ -317,8 +318,9 @@ class ConnectionPool(Generic[C]):
     def _close_connection(self, c: C) -> None:
         """Close the connection ``c``, which the pool is dropping.
 
-        The default calls ``c.close()`` when ``c`` has one.  Errors raised here
-        are logged at DEBUG and otherwise ignored.
+        The default calls ``c.close()`` when ``c`` has one.  It runs under
+        ``connect_timeout``; errors raised here, and the timeout, are logged at
+        DEBUG and otherwise ignored.
         """
         close = getattr(c, "close", None)
         if close is not None:
@@ -671,8 +673,9 @@ class ConnectionPool(Generic[C]):
         self._close_quietly(entry.conn)  # switches
 
     def _close_quietly(self, conn: C) -> None:
+        """Call :meth:`_close_connection` under ``connect_timeout``; log its errors at DEBUG."""
         try:
-            self._close_connection(conn)
+            self._bounded("_close_connection()", self._close_connection, conn)  # switches
         except Exception:
             logger.debug("pool %r: _close_connection() failed", self.name, exc_info=True)
 

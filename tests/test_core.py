@@ -338,6 +338,32 @@ def test_close_connection_errors_are_logged_at_debug_and_swallowed(caplog, leak_
     leak_check()
 
 
+class HangingClosePool(FactoryPool):
+    """A pool whose _close_connection waits for a goodbye that a dead peer never sends."""
+
+    def _close_connection(self, c):
+        self.dropped.append(c)
+        gevent.sleep(3600)
+
+
+def test_a_hanging_close_connection_is_bounded_by_connect_timeout(caplog, leak_check):
+    """A hanging _close_connection is cut off by connect_timeout, logged at DEBUG; the caller goes on."""
+    caplog.set_level(logging.DEBUG, logger="geventconnpool")
+    with HangingClosePool(1, Closable, connect_timeout=0.2) as pool:
+        pool.wait(timeout=5)
+        error = OSError("broken")
+        with pytest.raises(OSError) as info, pool.get() as c:
+            victim = c
+            raise error
+        assert info.value is error
+        assert pool.dropped == [victim]
+        timeouts = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], TimeoutError)]
+        assert [r.levelno for r in timeouts] == [logging.DEBUG]
+        assert "_close_connection() exceeded connect_timeout" in str(timeouts[0].exc_info[1])
+        pool.wait(timeout=5)
+    leak_check()
+
+
 def test_keepalive_pings_every_idle_connection_and_never_a_held_one(line_server, leak_check):
     """Every idle connection is pinged each period, in turn with the others; a held one is never pinged."""
     with TaggedKeepalivePool(line_server, 4, keepalive=0.1) as pool:
