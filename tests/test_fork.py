@@ -370,6 +370,49 @@ def test_fork_while_connections_are_held(fork, threaded_server, leak_check):
     leak_check()
 
 
+@pytest.mark.parametrize("how", ["returned", "discarded"])
+def test_connection_held_across_fork_comes_back_to_nothing_in_the_child(
+    fork, threaded_server, leak_check, how
+):
+    """In the child, a connection the parent held at fork time, given back or discarded, is neither reused nor
+    closed.
+    """
+    server = threaded_server.server
+    with TracingPool(server, 2) as pool:
+        pool.wait(timeout=5)
+        loan = pool.get()
+        held = loan.__enter__()
+        held_port = local_port(held)
+
+        def child() -> Dict[str, Any]:
+            if how == "returned":
+                loan.__exit__(None, None, None)
+            else:
+                error = ConnectionResetError("as if the block failed")
+                loan.__exit__(type(error), error, None)
+            ports = set()
+            for _ in range(6):
+                with pool.get(timeout=5) as c:
+                    ports.add(local_port(c))
+            pool.wait(timeout=5)
+            s = pool.stats()
+            return {
+                "ports": sorted(ports),
+                "closes": pool.closes,
+                "gauges": [s.idle, s.in_use, s.connecting, s.discarded],
+            }
+
+        report = run_child(fork, child)
+        assert held_port not in report["ports"]
+        assert report["closes"] == []
+        assert report["gauges"] == [2, 0, 0, 0]
+        assert talk(held, "WHO") == str(held_port)
+        loan.__exit__(None, None, None)
+        assert pool.stats().idle == 2 and pool.closes == []
+    threaded_server.stop()
+    leak_check()
+
+
 def test_fork_of_a_pool_whose_remote_is_down(fork, leak_check):
     """A child forked during an outage reconnects on its own once the remote is back, with fresh counters."""
     server = LineServer()
