@@ -15,7 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import List, Optional, Set, Tuple, Union
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import gevent
 import pytest
@@ -244,9 +244,11 @@ class TrackingPool(ConnectionPool[socket.socket]):
 
     def __init__(self, address: Tuple[str, int], size: int, *args: object, **kwargs: object) -> None:
         self.address = address
-        self.opened_ports: List[int] = []
-        self.closed_ports: List[int] = []
-        self.sockets: List[socket.socket] = []
+        self.sockets: List[socket.socket] = []  # every connection opened, kept so that no id is reused
+        self.opened_ports: List[int] = []  # their client ports (a port may come back later)
+        self.closed_ports: List[int] = []  # the client ports of those handed to _close_connection
+        self._port_of: Dict[int, int] = {}
+        self._closed_ids: Set[int] = set()
         super().__init__(size, *args, **kwargs)  # type: ignore[arg-type]
 
     def ping(self, c: socket.socket) -> None:
@@ -261,23 +263,23 @@ class TrackingPool(ConnectionPool[socket.socket]):
         except BaseException:
             c.close()
             raise
-        self.opened_ports.append(c.getsockname()[1])
+        port = c.getsockname()[1]
+        self.opened_ports.append(port)
         self.sockets.append(c)
+        self._port_of[id(c)] = port
         return c
 
     def _keepalive(self, c: socket.socket) -> None:
         self.ping(c)
 
     def _close_connection(self, c: socket.socket) -> None:
-        try:
-            self.closed_ports.append(c.getsockname()[1])
-        except OSError:
-            self.closed_ports.append(self.opened_ports[self.sockets.index(c)])
+        self.closed_ports.append(self._port_of[id(c)])
+        self._closed_ids.add(id(c))
         c.close()
 
     def owned_ports(self) -> Set[int]:
         """Client ports of the connections the pool opened and has not closed."""
-        return set(self.opened_ports) - set(self.closed_ports)
+        return {self._port_of[id(c)] for c in self.sockets if id(c) not in self._closed_ids}
 
 
 class RedisPool(TrackingPool):
