@@ -919,6 +919,47 @@ def test_close_wakes_every_waiter_with_pool_closed(line_server, leak_check):
     leak_check()
 
 
+def test_an_expired_connection_coming_back_is_not_handed_to_a_waiter(line_server, leak_check):
+    """A connection that outlived max_lifetime while held is closed when it comes back; the waiter gets a new
+    one.
+    """
+    with FastLinePool(line_server, 1, max_lifetime=0.1) as pool:
+        pool.wait(timeout=5)
+        served: list[int] = []
+
+        def waiter() -> None:
+            with pool.get(timeout=5) as c:
+                served.append(client_port(c))
+
+        with pool.get() as old:
+            old_port = client_port(old)
+            w = gevent.spawn(waiter)
+            wait_until(lambda: pool.stats().waiting == 1)
+            wait_until(lambda: time.monotonic() > pool.opened_at[id(old)] + 0.15)
+        w.get(timeout=5)
+        assert served and served[0] != old_port
+        assert pool.closed_conns == [old]
+        assert pool.stats().recycled == 1 and line_server.accepted == 2
+    leak_check()
+
+
+def test_a_hung_background_keepalive_fails_after_connect_timeout(leak_check):
+    """A background _keepalive that never returns fails after connect_timeout and its connection is replaced."""
+    pool = FakePool(1, keepalive=0.02, connect_timeout=0.05)
+    try:
+        pool.wait(timeout=5)
+        pool.keepalive_gate.clear()  # every check hangs from now on
+        wait_until(lambda: pool.stats().keepalive_failures >= 1)
+        wait_until(lambda: len(pool.conns) >= 2)
+        assert pool.conns[0].closed == 1
+        assert pool.stats().discarded >= 1
+    finally:
+        free_gates(pool)
+        pool.close()
+    assert all(c.closed == 1 for c in pool.conns)
+    leak_check()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: pool.py _acquire() does not re-check _closed after _wait_for_entry() returns an entry "
