@@ -20,7 +20,7 @@ from gevent.event import AsyncResult, Event
 from gevent.monkey import get_original
 
 from geventconnpool._backoff import backoff_delay
-from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
+from geventconnpool.errors import PoolClosed, PoolError, PoolTimeout, PoolUnavailable
 from geventconnpool.retry import ExcClasses, exception_classes
 
 __all__ = ["ConnectionPool", "PoolStats"]
@@ -71,6 +71,19 @@ class PoolStats:
     """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
 
 
+def _breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException], ...]) -> bool:
+    """Whether an exception leaving a ``with pool.get()`` block means the connection is broken.
+
+    A :exc:`BaseException` that is no :exc:`Exception` (a :class:`gevent.Timeout`,
+    a kill, Ctrl-C) may have cut an exchange in half.  A :class:`PoolError` is
+    about some pool, perhaps another one used inside the block, never about
+    this connection, even though :class:`PoolTimeout` is an :exc:`OSError`.
+    """
+    if not issubclass(exc_type, Exception):
+        return True
+    return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
+
+
 class _Entry(Generic[C]):
     """One open connection and what the pool knows of it.
 
@@ -88,6 +101,7 @@ class _Entry(Generic[C]):
         "lent_from",
         "lent_line",
         "pool",
+        "unentered",
     )
 
     def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
@@ -98,8 +112,15 @@ class _Entry(Generic[C]):
         self.lent_at = 0.0
         self.lent_from: Optional[FrameType] = None
         self.lent_line = 0
+        self.unentered = False  # true from get() to __enter__: a lease enters once
 
     def __enter__(self) -> C:
+        if not self.unentered:
+            raise RuntimeError(
+                "the context manager returned by pool.get() serves one with statement only: "
+                "call pool.get() again"
+            )
+        self.unentered = False
         return self.conn
 
     def __exit__(
@@ -109,9 +130,7 @@ class _Entry(Generic[C]):
         tb: Optional[TracebackType],
     ) -> None:
         pool = self.pool
-        if exc_type is not None and (
-            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
-        ):
+        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
         elif pool._waiters or pool._closed:
             pool._release(self)
@@ -132,9 +151,7 @@ class _WatchedEntry(_Entry[C]):
     ) -> None:
         self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
         pool = self.pool
-        if exc_type is not None and (
-            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
-        ):
+        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
         elif pool._waiters or pool._closed:
             pool._release(self)
@@ -156,9 +173,7 @@ class _TimedEntry(_Entry[C]):
     ) -> None:
         pool = self.pool
         self.lent_from = None
-        if exc_type is not None and (
-            issubclass(exc_type, pool._exc_classes) or not issubclass(exc_type, Exception)
-        ):
+        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
             return
         now = _now()
@@ -352,6 +367,7 @@ class ConnectionPool(Generic[C]):
         idle = self._idle
         if idle and self._thread == _thread_ident():  # an idle entry means nobody waits
             entry = idle.pop()
+            entry.unentered = True
             if self._plain_checkout:
                 self._checkouts += 1
                 return entry
@@ -501,6 +517,10 @@ class ConnectionPool(Generic[C]):
                     raise self._unavailable_error()
                 else:
                     entry = self._wait_for_entry(deadline, limit)  # switches
+                    if self._closed:  # handed a connection just before close()
+                        self._release(entry)  # switches
+                        entry = None
+                        continue
             now = _now()
             if now >= entry.expires_at:  # the maintenance greenlet has not recycled it yet
                 self._recycled += 1
@@ -512,7 +532,7 @@ class ConnectionPool(Generic[C]):
                     entry = None
                     continue
                 if self._closed:
-                    self._release(entry)
+                    self._release(entry)  # switches
                     entry = None
                     continue
             break
@@ -520,6 +540,7 @@ class ConnectionPool(Generic[C]):
 
     def _lent(self, entry: _Entry[C], caller: FrameType) -> _Entry[C]:
         """Count a checkout, and note where it came from for ``leak_warning``."""
+        entry.unentered = True
         self._checkouts += 1
         if self.leak_warning is not None:
             entry.lent_at = _now()

@@ -960,12 +960,6 @@ def test_a_hung_background_keepalive_fails_after_connect_timeout(leak_check):
     leak_check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.py _acquire() does not re-check _closed after _wait_for_entry() returns an entry "
-    "(it does after a check_after check), so a greenlet blocked in get() when close() is called is "
-    "lent a connection after close() returned",
-)
 def test_a_waiter_handed_a_connection_as_the_pool_closes_gets_pool_closed(leak_check):
     """A waiter handed a connection just before close() but resuming after it gets PoolClosed, not the
     connection.
@@ -1209,12 +1203,6 @@ def test_errors_pickle(cls):
     assert type(copy) is cls and str(copy) == str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pool.py _Entry/_WatchedEntry/_TimedEntry.__exit__ discard the held connection for any "
-    "exception in exc_classes; PoolTimeout and PoolUnavailable are OSErrors, so another pool's timeout or "
-    "outage inside the block closes this pool's healthy connection (fix: exempt PoolError from the discard)",
-)
 @pytest.mark.parametrize("error", ["PoolTimeout", "PoolUnavailable"])
 def test_another_pools_error_inside_a_block_keeps_the_held_connection(line_server, leak_check, error):
     """A PoolTimeout or PoolUnavailable from a second pool, raised through a block, leaves the held connection
@@ -1223,7 +1211,8 @@ def test_another_pools_error_inside_a_block_keeps_the_held_connection(line_serve
     down = LineServer()
     down.start()
     down.stop()
-    with FastLinePool(line_server, 1) as db, FastLinePool(down, 1, fail_fast=True, timeout=0.05) as cache:
+    fail_fast = error == "PoolUnavailable"
+    with FastLinePool(line_server, 1) as db, FastLinePool(down, 1, fail_fast=fail_fast, timeout=0.05) as cache:
         db.wait(timeout=5)
         wait_until(lambda: cache.stats().failed_connects >= 1)
         expected = PoolTimeout if error == "PoolTimeout" else PoolUnavailable
