@@ -528,8 +528,16 @@ class ConnectionPool(Generic[C]):
                 entry = None
                 continue
             if self.check_after is not None and now - entry.idle_since >= self.check_after:
-                if not self._check(entry):  # switches
+                # The check may not outlast the caller's deadline, nor may a
+                # run of failed checks (a black-holed remote) go on past it.
+                budget = deadline - now
+                if self.connect_timeout is not None:
+                    budget = min(budget, self.connect_timeout)
+                if not self._check(entry, budget):  # switches
                     entry = None
+                    if _now() >= deadline:
+                        self._timeouts += 1
+                        raise self._timeout_error(f"found no healthy connection within {limit} s")
                     continue
                 if self._closed:
                     self._release(entry)  # switches
@@ -599,15 +607,15 @@ class ConnectionPool(Generic[C]):
         error.__suppress_context__ = True
         return error
 
-    def _check(self, entry: _Entry[C], in_background: bool = False) -> bool:
+    def _check(self, entry: _Entry[C], seconds: Optional[float], in_background: bool = False) -> bool:
         """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails.
 
         In a caller's :meth:`get`, a :class:`gevent.Timeout` may be the caller's
         own and propagates; in the background it can only be the hook's own,
-        and is a failed check like any other error.
+        and is a failed check like any other error.  ``seconds`` bounds it.
         """
         try:
-            self._bounded("_keepalive()", self._keepalive, entry.conn)  # switches
+            self._bounded(seconds, "_keepalive()", self._keepalive, entry.conn)  # switches
         except self._check_failures as error:
             self._check_failed(entry, error)
             return False
@@ -626,20 +634,22 @@ class ConnectionPool(Generic[C]):
         entry.idle_since = _now()
         return True
 
-    def _bounded(self, what: str, hook: Callable[..., Any], *args: Any) -> Any:
-        """Call a subclass hook under ``connect_timeout``, whose expiry raises :exc:`TimeoutError`.
+    def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any:
+        """Call a subclass hook for at most ``seconds``, after which it raises :exc:`TimeoutError`.
 
         The timer is a :class:`gevent.Timeout`, a :exc:`BaseException`, so an
         ``except Exception`` inside the hook cannot swallow it.
         """
-        timer = gevent.Timeout(self.connect_timeout)
+        timer = gevent.Timeout(seconds)
         timer.start()
         try:
             return hook(*args)  # switches
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
-            raise TimeoutError(f"{what} exceeded connect_timeout={self.connect_timeout}") from None
+            if seconds == self.connect_timeout:
+                raise TimeoutError(f"{what} exceeded connect_timeout={seconds}") from None
+            raise TimeoutError(f"{what} outlasted the caller's get() timeout") from None
         finally:
             timer.close()
 
@@ -696,7 +706,9 @@ class ConnectionPool(Generic[C]):
     def _close_quietly(self, conn: C) -> None:
         """Call :meth:`_close_connection` under ``connect_timeout``; log its errors at DEBUG."""
         try:
-            self._bounded("_close_connection()", self._close_connection, conn)  # switches
+            self._bounded(
+                self.connect_timeout, "_close_connection()", self._close_connection, conn
+            )  # switches
         except Exception:
             logger.debug("pool %r: _close_connection() failed", self.name, exc_info=True)
 
@@ -737,7 +749,7 @@ class ConnectionPool(Generic[C]):
         """
         error: BaseException = TypeError("_new_connection() returned None")
         try:
-            conn = self._bounded("_new_connection()", self._new_connection)  # switches
+            conn = self._bounded(self.connect_timeout, "_new_connection()", self._new_connection)  # switches
         except (Exception, gevent.Timeout) as exc:  # a Timeout here is the hook's own: nobody else waits
             conn, error = None, exc
         if generation != self._generation:
@@ -933,7 +945,7 @@ def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry[A
     if pool is None:
         return
     try:
-        if pool._check(entry, in_background=True):
+        if pool._check(entry, pool.connect_timeout, in_background=True):
             pool._release(entry)
     finally:
         pool._checking.discard(entry)

@@ -690,12 +690,6 @@ class PlainPool(ConnectionPool[socket.socket]):
             raise OSError("keepalive: no PONG")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _acquire() runs check_after checks without looking at the caller's deadline; when every "
-    "check times out (connect_timeout > check_after), each replacement is stale by the time the previous "
-    "check fails, so get(timeout=...) loops for ever instead of raising PoolTimeout",
-)
 @pytest.mark.watchdog(30)
 def test_get_timeout_bounds_check_after_in_a_black_hole(line_server, leak_check):
     """Behind a load balancer that accepts connections but never answers, get(timeout=1) with check_after
