@@ -28,12 +28,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "watchdog(seconds): the test's deadlock watchdog, 30 s by default")
 
 
+class WatchdogExpired(BaseException):
+    """A test blocked past its watchdog.
+
+    A BaseException, like gevent.Timeout, so that no ``except Exception`` on
+    the way (the pool's own checks among them) can swallow it.
+    """
+
+
 @pytest.fixture(autouse=True)
 def watchdog(request):
     """Fail a test that blocks longer than its watchdog instead of hanging the suite."""
     marker = request.node.get_closest_marker("watchdog")
     seconds = marker.args[0] if marker else 30
-    timer = gevent.Timeout(seconds, AssertionError(f"watchdog: the test blocked for more than {seconds} s"))
+    timer = gevent.Timeout(seconds, WatchdogExpired(f"the test blocked for more than {seconds} s"))
     timer.start()
     try:
         yield
