@@ -12,15 +12,17 @@ import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Callable, ContextManager, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
 from gevent.monkey import get_original
 
+from geventconnpool._background import connect_loop, keepalive_check, maintenance_loop
 from geventconnpool._backoff import backoff_delay
-from geventconnpool.errors import PoolClosed, PoolError, PoolTimeout, PoolUnavailable
+from geventconnpool._lease import ORPHANAGE, Entry, TimedEntry, WatchedEntry
+from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
 from geventconnpool.retry import ExcClasses, exception_classes
 
 __all__ = ["ConnectionPool", "PoolStats"]
@@ -69,119 +71,6 @@ class PoolStats:
     """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
     timeouts: int
     """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
-
-
-def _breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException], ...]) -> bool:
-    """Whether an exception leaving a ``with pool.get()`` block means the connection is broken.
-
-    A :exc:`BaseException` that is no :exc:`Exception` (a :class:`gevent.Timeout`,
-    a kill, Ctrl-C) may have cut an exchange in half.  A :class:`PoolError` is
-    about some pool, perhaps another one used inside the block, never about
-    this connection, even though :class:`PoolTimeout` is an :exc:`OSError`.
-    """
-    if not issubclass(exc_type, Exception):
-        return True
-    return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
-
-
-class _Entry(Generic[C]):
-    """One open connection and what the pool knows of it.
-
-    It is also the context manager that :meth:`ConnectionPool.get` returns
-    (so a checkout allocates nothing): ``__enter__`` gives the connection,
-    ``__exit__`` gives it back.  This class is the fast path, for pools that
-    need no bookkeeping when a connection comes back.
-    """
-
-    __slots__ = (
-        "conn",
-        "expires_at",
-        "idle_since",
-        "lent_at",
-        "lent_from",
-        "lent_line",
-        "pool",
-        "unentered",
-    )
-
-    def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
-        self.conn = conn
-        self.pool = pool
-        self.expires_at = expires_at
-        self.idle_since = _now()
-        self.lent_at = 0.0
-        self.lent_from: Optional[FrameType] = None
-        self.lent_line = 0
-        self.unentered = False  # true from get() to __enter__: a lease enters once
-
-    def __enter__(self) -> C:
-        if not self.unentered:
-            raise RuntimeError(
-                "the context manager returned by pool.get() serves one with statement only: "
-                "call pool.get() again"
-            )
-        self.unentered = False
-        return self.conn
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        pool = self.pool
-        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
-            pool._discard(self, exc)
-        elif pool._waiters or pool._closed:
-            pool._release(self)
-        else:
-            pool._idle.append(self)
-
-
-class _WatchedEntry(_Entry[C]):
-    """The entry of a pool with ``leak_warning`` only: it forgets who took it when it comes back."""
-
-    __slots__ = ()
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
-        pool = self.pool
-        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
-            pool._discard(self, exc)
-        elif pool._waiters or pool._closed:
-            pool._release(self)
-        else:
-            pool._idle.append(self)
-
-
-class _TimedEntry(_Entry[C]):
-    """The entry of a pool with ``keepalive``, ``max_lifetime``, ``check_after`` or
-    ``leak_warning``: it notes when it comes back, and expires."""
-
-    __slots__ = ()
-
-    def __exit__(
-        self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
-    ) -> None:
-        pool = self.pool
-        self.lent_from = None
-        if exc_type is not None and _breaks(exc_type, pool._exc_classes):
-            pool._discard(self, exc)
-            return
-        now = _now()
-        if pool._waiters or pool._closed or now >= self.expires_at:
-            pool._release(self)
-        else:
-            self.idle_since = now
-            pool._idle.append(self)
 
 
 class ConnectionPool(Generic[C]):
@@ -280,7 +169,7 @@ class ConnectionPool(Generic[C]):
         self.fail_fast = fail_fast
         self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
 
-        self._idle: Deque[_Entry[C]] = deque()  # most recently returned on the right
+        self._idle: Deque[Entry[C]] = deque()  # most recently returned on the right
         self._waiters: Deque[AsyncResult[Any]] = deque()  # first come, first served
         self._connecting = 0
         self._closed = False
@@ -288,8 +177,8 @@ class ConnectionPool(Generic[C]):
         self._thread = _thread_ident()
         self._pid = os.getpid()
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
-        self._entries: Set[_Entry[C]] = set()  # every open connection, idle or in use
-        self._checking: Set[_Entry[C]] = set()  # in use by a background keepalive check
+        self._entries: Set[Entry[C]] = set()  # every open connection, idle or in use
+        self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._last_error: Optional[BaseException] = None
         self._failure_streak = 0
         self._reconnected = Event()
@@ -301,11 +190,11 @@ class ConnectionPool(Generic[C]):
             self.check_after is None and self.leak_warning is None and self.max_lifetime is None
         )
         if self.keepalive is not None or self.max_lifetime is not None or self.check_after is not None:
-            self._entry_class: Type[_Entry[C]] = _TimedEntry
+            self._entry_class: Type[Entry[C]] = TimedEntry
         elif self.leak_warning is not None:
-            self._entry_class = _WatchedEntry
+            self._entry_class = WatchedEntry
         else:
-            self._entry_class = _Entry
+            self._entry_class = Entry
         _pools.add(self)
         self._start()
 
@@ -497,8 +386,8 @@ class ConnectionPool(Generic[C]):
             self._start_in_child()
 
     def _acquire(
-        self, timeout: Optional[float], caller: FrameType, entry: Optional[_Entry[C]] = None
-    ) -> _Entry[C]:
+        self, timeout: Optional[float], caller: FrameType, entry: Optional[Entry[C]] = None
+    ) -> Entry[C]:
         """Lend a connection, checked if need be: the general path of :meth:`get`.
 
         ``entry`` is an idle entry that :meth:`get` already took, if any.
@@ -546,7 +435,7 @@ class ConnectionPool(Generic[C]):
             break
         return self._lent(entry, caller)
 
-    def _lent(self, entry: _Entry[C], caller: FrameType) -> _Entry[C]:
+    def _lent(self, entry: Entry[C], caller: FrameType) -> Entry[C]:
         """Count a checkout, and note where it came from for ``leak_warning``."""
         entry.unentered = True
         self._checkouts += 1
@@ -556,7 +445,7 @@ class ConnectionPool(Generic[C]):
             entry.lent_line = caller.f_lineno
         return entry
 
-    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> _Entry[C]:
+    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> Entry[C]:
         waiter: AsyncResult[Any] = AsyncResult()
         self._waiters.append(waiter)
         try:
@@ -572,13 +461,13 @@ class ConnectionPool(Generic[C]):
         result = waiter.value
         if isinstance(result, BaseException):
             raise type(result)(*result.args) from result.__cause__
-        assert isinstance(result, _Entry)
+        assert isinstance(result, Entry)
         return result
 
     def _abandon(self, waiter: AsyncResult[Any]) -> None:
         """A waiter was interrupted: give back what it was handed, or leave the queue."""
         if waiter.ready():
-            if isinstance(waiter.value, _Entry):
+            if isinstance(waiter.value, Entry):
                 self._release(waiter.value)
         else:
             self._waiters.remove(waiter)
@@ -607,7 +496,7 @@ class ConnectionPool(Generic[C]):
         error.__suppress_context__ = True
         return error
 
-    def _check(self, entry: _Entry[C], seconds: Optional[float], in_background: bool = False) -> bool:
+    def _check(self, entry: Entry[C], seconds: Optional[float], in_background: bool = False) -> bool:
         """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails.
 
         In a caller's :meth:`get`, a :class:`gevent.Timeout` may be the caller's
@@ -653,7 +542,7 @@ class ConnectionPool(Generic[C]):
         finally:
             timer.close()
 
-    def _check_failed(self, entry: _Entry[C], error: BaseException, unexpected: bool = False) -> None:
+    def _check_failed(self, entry: Entry[C], error: BaseException, unexpected: bool = False) -> None:
         self._keepalive_failures += 1
         if unexpected:
             logger.warning(
@@ -668,7 +557,7 @@ class ConnectionPool(Generic[C]):
 
     # -- moving slots between idle, in use and connecting ---------------------
 
-    def _release(self, entry: _Entry[C]) -> None:
+    def _release(self, entry: Entry[C]) -> None:
         """A held entry comes back: lend it to the first waiter, keep it idle, or drop it."""
         if entry.pool is not self:
             return  # opened by the parent process before fork(): never used here
@@ -687,7 +576,7 @@ class ConnectionPool(Generic[C]):
         else:
             self._idle.append(entry)
 
-    def _discard(self, entry: _Entry[C], error: Optional[BaseException]) -> None:
+    def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
         """A held entry is broken: close it and open a replacement."""
         if entry.pool is not self:
             return
@@ -696,7 +585,7 @@ class ConnectionPool(Generic[C]):
             logger.warning("pool %r: discarding a broken connection after %r", self.name, error)
         self._forget(entry)
 
-    def _forget(self, entry: _Entry[C]) -> None:
+    def _forget(self, entry: Entry[C]) -> None:
         """Close a held entry and, unless the pool is closed, start opening its replacement."""
         self._entries.discard(entry)
         if not self._closed:
@@ -726,7 +615,7 @@ class ConnectionPool(Generic[C]):
 
     def _open_slot(self) -> None:
         self._connecting += 1
-        self._spawn("connect", _connect_loop, self._generation)
+        self._spawn("connect", connect_loop, self._generation)
 
     # -- background work ------------------------------------------------------
 
@@ -734,7 +623,7 @@ class ConnectionPool(Generic[C]):
         for _ in range(self.size):
             self._open_slot()
         if self._maintained:
-            self._spawn("maintenance", _maintenance_loop, self._generation)
+            self._spawn("maintenance", maintenance_loop, self._generation)
 
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None:
         greenlet = gevent.spawn(loop, weakref.ref(self), *args)
@@ -803,7 +692,7 @@ class ConnectionPool(Generic[C]):
             while self._idle and now - self._idle[0].idle_since >= self.keepalive:
                 entry = self._idle.popleft()
                 self._checking.add(entry)
-                self._spawn("keepalive", _keepalive_check, entry)
+                self._spawn("keepalive", keepalive_check, entry)
             if self._idle:
                 wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
         if self.leak_warning is not None:
@@ -818,7 +707,7 @@ class ConnectionPool(Generic[C]):
             self._close_quietly(entry.conn)  # switches
         return max(wake_at - _now(), 0.001)
 
-    def _warn_leak(self, entry: _Entry[C], now: float) -> None:
+    def _warn_leak(self, entry: Entry[C], now: float) -> None:
         frame = entry.lent_from
         entry.lent_from = None  # one warning per loan
         stack = traceback.StackSummary.extract(traceback.walk_stack(frame))
@@ -842,7 +731,7 @@ class ConnectionPool(Generic[C]):
         """In a child process: forget the parent's connections, without closing them."""
         self._generation += 1
         for entry in self._entries:
-            entry.pool = _ORPHANAGE  # type: ignore[assignment]
+            entry.pool = ORPHANAGE  # type: ignore[assignment]
         self._idle.clear()
         self._entries.clear()
         self._checking.clear()
@@ -870,28 +759,6 @@ class ConnectionPool(Generic[C]):
 _P = TypeVar("_P", bound=ConnectionPool[Any])
 
 
-class _Orphanage:
-    """Where the entries of a parent process go in a child after fork().
-
-    A connection the parent opened may still be held by a greenlet that the
-    child inherited; when it comes back it lands here, and is neither reused
-    nor closed (closing could send a goodbye on the parent's connection).
-    """
-
-    _exc_classes = (BaseException,)
-    _waiters = ()
-    _closed = True
-
-    def _release(self, entry: object) -> None:
-        pass
-
-    def _discard(self, entry: object, error: object) -> None:
-        pass
-
-
-_ORPHANAGE = _Orphanage()
-
-
 def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float]:
     """Check a duration argument: None or a positive number (or zero, where allowed)."""
     if value is None:
@@ -901,54 +768,6 @@ def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float
     if value < 0 or (value == 0 and not zero):
         raise ValueError(f"{argument} must be {'>= 0' if zero else '> 0'} seconds or None, not {value!r}")
     return float(value)
-
-
-# The background greenlets hold the pool by weak reference only, so that a pool
-# nobody uses any more can be garbage collected; they stop when it is.
-
-
-def _connect_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
-    attempt = 0
-    while True:
-        pool = pool_ref()
-        if pool is None or pool._generation != generation:
-            return
-        attempt += 1
-        try:
-            wait = pool._connect_once(attempt, generation)
-        except Exception:
-            logger.exception("pool %r: unexpected error while connecting", pool.name)
-            wait = pool.RECONNECT_MAX_DELAY
-        if wait is None:
-            return
-        reconnected = pool._reconnected
-        del pool
-        reconnected.wait(wait)  # another slot connecting again ends the backoff
-
-
-def _maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
-    while True:
-        pool = pool_ref()
-        if pool is None or pool._generation != generation or pool._closed:
-            return
-        try:
-            wait = pool._maintain()
-        except Exception:
-            logger.exception("pool %r: unexpected error in maintenance", pool.name)
-            wait = 1.0
-        del pool
-        gevent.sleep(wait)
-
-
-def _keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: _Entry[Any]) -> None:
-    pool = pool_ref()
-    if pool is None:
-        return
-    try:
-        if pool._check(entry, pool.connect_timeout, in_background=True):
-            pool._release(entry)
-    finally:
-        pool._checking.discard(entry)
 
 
 def _after_fork_in_child() -> None:

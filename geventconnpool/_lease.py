@@ -1,0 +1,156 @@
+"""The entries of a pool: each open connection, and the context manager that lends it.
+
+Private: the hot path of :meth:`ConnectionPool.get` lives here, in the
+``__exit__`` methods, one per set of features, so that each pool pays only
+for the bookkeeping its options need.
+"""
+
+from __future__ import annotations
+
+import time
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Generic, Optional, Tuple, Type, TypeVar
+
+from geventconnpool.errors import PoolError
+
+if TYPE_CHECKING:
+    from geventconnpool.pool import ConnectionPool
+
+C = TypeVar("C")
+
+_now = time.monotonic
+
+
+def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException], ...]) -> bool:
+    """Whether an exception leaving a ``with pool.get()`` block means the connection is broken.
+
+    A :exc:`BaseException` that is no :exc:`Exception` (a :class:`gevent.Timeout`,
+    a kill, Ctrl-C) may have cut an exchange in half.  A :class:`PoolError` is
+    about some pool, perhaps another one used inside the block, never about
+    this connection, even though :class:`PoolTimeout` is an :exc:`OSError`.
+    """
+    if not issubclass(exc_type, Exception):
+        return True
+    return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
+
+
+class Entry(Generic[C]):
+    """One open connection and what the pool knows of it.
+
+    It is also the context manager that :meth:`ConnectionPool.get` returns
+    (so a checkout allocates nothing): ``__enter__`` gives the connection,
+    ``__exit__`` gives it back.  This class is the fast path, for pools that
+    need no bookkeeping when a connection comes back.
+    """
+
+    __slots__ = (
+        "conn",
+        "expires_at",
+        "idle_since",
+        "lent_at",
+        "lent_from",
+        "lent_line",
+        "pool",
+        "unentered",
+    )
+
+    def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
+        self.conn = conn
+        self.pool = pool
+        self.expires_at = expires_at
+        self.idle_since = _now()
+        self.lent_at = 0.0
+        self.lent_from: Optional[FrameType] = None
+        self.lent_line = 0
+        self.unentered = False  # true from get() to __enter__: a lease enters once
+
+    def __enter__(self) -> C:
+        if not self.unentered:
+            raise RuntimeError(
+                "the context manager returned by pool.get() serves one with statement only: "
+                "call pool.get() again"
+            )
+        self.unentered = False
+        return self.conn
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        pool = self.pool
+        if exc_type is not None and breaks(exc_type, pool._exc_classes):
+            pool._discard(self, exc)
+        elif pool._waiters or pool._closed:
+            pool._release(self)
+        else:
+            pool._idle.append(self)
+
+
+class WatchedEntry(Entry[C]):
+    """The entry of a pool with ``leak_warning`` only: it forgets who took it when it comes back."""
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
+        pool = self.pool
+        if exc_type is not None and breaks(exc_type, pool._exc_classes):
+            pool._discard(self, exc)
+        elif pool._waiters or pool._closed:
+            pool._release(self)
+        else:
+            pool._idle.append(self)
+
+
+class TimedEntry(Entry[C]):
+    """The entry of a pool with ``keepalive``, ``max_lifetime``, ``check_after`` or
+    ``leak_warning``: it notes when it comes back, and expires."""
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        pool = self.pool
+        self.lent_from = None
+        if exc_type is not None and breaks(exc_type, pool._exc_classes):
+            pool._discard(self, exc)
+            return
+        now = _now()
+        if pool._waiters or pool._closed or now >= self.expires_at:
+            pool._release(self)
+        else:
+            self.idle_since = now
+            pool._idle.append(self)
+
+
+class Orphanage:
+    """Where the entries of a parent process go in a child after fork().
+
+    A connection the parent opened may still be held by a greenlet that the
+    child inherited; when it comes back it lands here, and is neither reused
+    nor closed (closing could send a goodbye on the parent's connection).
+    """
+
+    _exc_classes = (BaseException,)
+    _waiters = ()
+    _closed = True
+
+    def _release(self, entry: object) -> None:
+        pass
+
+    def _discard(self, entry: object, error: object) -> None:
+        pass
+
+
+ORPHANAGE = Orphanage()
