@@ -2,7 +2,8 @@
 
 Private: the hot path of :meth:`ConnectionPool.get` lives here, in the
 ``__exit__`` methods, one per set of features, so that each pool pays only
-for the bookkeeping its options need.
+for the bookkeeping its options need.  They repeat a few lines on purpose:
+a shared helper would cost a function call on every checkout.
 """
 
 from __future__ import annotations
