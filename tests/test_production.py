@@ -944,7 +944,7 @@ def test_an_expired_connection_coming_back_is_not_handed_to_a_waiter(line_server
 
 
 def test_a_hung_background_keepalive_fails_after_connect_timeout(leak_check):
-    """A background _keepalive that never returns fails after connect_timeout and its connection is replaced."""
+    """A background _keepalive that never returns fails after connect_timeout; its connection is replaced."""
     pool = FakePool(1, keepalive=0.02, connect_timeout=0.05)
     try:
         pool.wait(timeout=5)
@@ -1212,7 +1212,8 @@ def test_another_pools_error_inside_a_block_keeps_the_held_connection(line_serve
     down.start()
     down.stop()
     fail_fast = error == "PoolUnavailable"
-    with FastLinePool(line_server, 1) as db, FastLinePool(down, 1, fail_fast=fail_fast, timeout=0.05) as cache:
+    cache = FastLinePool(down, 1, fail_fast=fail_fast, timeout=0.05)
+    with FastLinePool(line_server, 1) as db, cache:
         db.wait(timeout=5)
         wait_until(lambda: cache.stats().failed_connects >= 1)
         expected = PoolTimeout if error == "PoolTimeout" else PoolUnavailable
