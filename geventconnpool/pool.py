@@ -121,6 +121,23 @@ class ConnectionPool(Generic[C]):
 
     _counter = 0
 
+    # The attributes that get() and the entries read on every checkout live in
+    # slots: past 30 instance attributes (a subclass adds its own), CPython
+    # stops sharing the keys of instance dicts and attribute loads slow down.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_checkouts",
+        "_closed",
+        "_exc_classes",
+        "_idle",
+        "_plain_checkout",
+        "_thread",
+        "_waiters",
+        "check_after",
+        "leak_warning",
+    )
+
     # The pool's invariant: while it is open, every one of the `size` slots is
     # exactly one of idle (its entry is in `_idle`), in use (its entry is in
     # `_entries` but not in `_idle`: held by a caller or a check) or connecting
@@ -175,7 +192,7 @@ class ConnectionPool(Generic[C]):
         self._closed = False
         self._generation = 0  # bumped in a child process after fork()
         self._thread = _thread_ident()
-        self._pid = os.getpid()
+        self._forked = False  # set by the at-fork hook in a child process
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         self._entries: Set[Entry[C]] = set()  # every open connection, idle or in use
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
@@ -189,7 +206,11 @@ class ConnectionPool(Generic[C]):
         self._plain_checkout = (
             self.check_after is None and self.leak_warning is None and self.max_lifetime is None
         )
-        if self.keepalive is not None or self.max_lifetime is not None or self.check_after is not None:
+        # Only keepalive, max_lifetime and check_after read the clock.
+        self._timed = any(
+            value is not None for value in (self.keepalive, self.max_lifetime, self.check_after)
+        )
+        if self._timed:
             self._entry_class: Type[Entry[C]] = TimedEntry
         elif self.leak_warning is not None:
             self._entry_class = WatchedEntry
@@ -382,7 +403,7 @@ class ConnectionPool(Generic[C]):
                 f"pool {self.name!r} belongs to the gevent hub of the thread that made it; "
                 "use it from that thread only"
             )
-        if self._pid != os.getpid():
+        if self._forked:
             self._start_in_child()
 
     def _acquire(
@@ -410,6 +431,8 @@ class ConnectionPool(Generic[C]):
                         self._release(entry)  # switches
                         entry = None
                         continue
+            if not self._timed:  # the entry never expires, nor needs a check
+                break
             now = _now()
             if now >= entry.expires_at:  # the maintenance greenlet has not recycled it yet
                 self._recycled += 1
@@ -564,13 +587,14 @@ class ConnectionPool(Generic[C]):
         if self._closed:
             self._forget(entry)
             return
-        now = _now()
-        if now >= entry.expires_at:
-            self._recycled += 1
-            logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
-            self._forget(entry)
-            return
-        entry.idle_since = now
+        if self._timed:
+            now = _now()
+            if now >= entry.expires_at:
+                self._recycled += 1
+                logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
+                self._forget(entry)
+                return
+            entry.idle_since = now
         if self._waiters:
             self._waiters.popleft().set(entry)
         else:
@@ -736,7 +760,7 @@ class ConnectionPool(Generic[C]):
         self._entries.clear()
         self._checking.clear()
         self._connecting = self.size  # reopened by the child's first call
-        self._pid = -1
+        self._forked = True
         # The parent's greenlets were copied into this process: one may be in
         # the middle of an exchange on the parent's socket.  Kill them before
         # the child's hub runs them again (killing only schedules the kill).
@@ -746,7 +770,7 @@ class ConnectionPool(Generic[C]):
 
     def _start_in_child(self) -> None:
         """In a child process: stop the parent's greenlets and open connections of our own."""
-        self._pid = os.getpid()
+        self._forked = False
         self._reset_counters()
         self._last_error = None
         self._failure_streak = 0
