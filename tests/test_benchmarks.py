@@ -69,6 +69,7 @@ def has_row(rows, name):
     return any(pattern.search(r) for r in rows)
 
 
+@pytest.mark.slow  # a minute of benchmark: run once, by the tox env "soak", not in every env
 @pytest.mark.redis
 @pytest.mark.watchdog(240)
 def test_quick_benchmark_prints_every_row():
