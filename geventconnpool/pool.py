@@ -259,8 +259,13 @@ class ConnectionPool(Generic[C]):
         The connection is yours alone until the block ends.  If the block
         raises one of ``exc_classes`` (or a :exc:`BaseException` that is not an
         :exc:`Exception`, such as :class:`gevent.Timeout`), the connection is
-        closed and replaced in the background; otherwise it goes back to the
-        pool.  The exception propagates unchanged either way.
+        closed and replaced in the background; otherwise, and for a
+        :class:`~geventconnpool.PoolError` from another pool, it goes back to
+        the pool.  The exception propagates unchanged either way.
+
+        The connection is taken when ``get()`` is called, so call it in the
+        ``with`` statement itself; what it returns serves one ``with``
+        statement, and entering it again raises :exc:`RuntimeError`.
 
         :param timeout: seconds to wait for a free connection; ``None`` uses the
             pool's ``timeout``, ``0`` takes only a connection that is idle now.
