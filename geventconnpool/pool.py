@@ -393,11 +393,10 @@ class ConnectionPool(Generic[C]):
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        s = self.stats()
         return (
-            f"<{type(self).__name__} {self.name!r} {state} size={self.size} idle={len(self._idle)}"
-            f" in_use={len(self._entries) - len(self._idle)} connecting={self._connecting}"
-            f" waiting={len(self._waiters)}>"
+            f"<{type(self).__name__} {self.name!r} {'closed' if self._closed else 'open'} size={s.size}"
+            f" idle={s.idle} in_use={s.in_use} connecting={s.connecting} waiting={s.waiting}>"
         )
 
     # -- lending ------------------------------------------------------------------
