@@ -55,6 +55,15 @@ def maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int
         gevent.sleep(wait)
 
 
+def close_recycled(pool_ref: weakref.ref[ConnectionPool[Any]], entry: Entry[Any]) -> None:
+    """Close a connection that the maintenance greenlet recycled, so that a slow close never delays it."""
+    pool = pool_ref()
+    if pool is None or entry not in pool._closing:
+        return  # close() took it over
+    pool._closing.discard(entry)
+    pool._close_quietly(entry.conn)
+
+
 def keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: Entry[Any]) -> None:
     """Ping one idle connection that the maintenance greenlet took out of the pool."""
     pool = pool_ref()

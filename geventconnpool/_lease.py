@@ -50,8 +50,9 @@ class Entry(Generic[C]):
         "idle_since",
         "lent_at",
         "lent_from",
-        "lent_line",
+        "lent_lasti",
         "pool",
+        "stale",
         "unentered",
     )
 
@@ -62,7 +63,8 @@ class Entry(Generic[C]):
         self.idle_since = _now()
         self.lent_at = 0.0
         self.lent_from: Optional[FrameType] = None
-        self.lent_line = 0
+        self.lent_lasti = 0  # the offset of the get() call in lent_from's code
+        self.stale = False  # idle past check_after: get() checks it before lending it
         self.unentered = False  # true from get() to __enter__: a lease enters once
 
     def __enter__(self) -> C:

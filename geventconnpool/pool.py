@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dis
 import logging
 import math
 import os
@@ -12,14 +13,14 @@ import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, Callable, ContextManager, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
 from gevent.event import AsyncResult, Event
 from gevent.monkey import get_original
 
-from geventconnpool._background import connect_loop, keepalive_check, maintenance_loop
+from geventconnpool._background import close_recycled, connect_loop, keepalive_check, maintenance_loop
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._lease import ORPHANAGE, Entry, TimedEntry, WatchedEntry
 from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
@@ -38,6 +39,9 @@ C = TypeVar("C")
 # at a third of the cost of comparing _thread.get_ident() on every checkout.
 _ThreadLock: Callable[[], Any] = get_original("_thread", "RLock")
 _now = time.monotonic
+# Each connection's lifetime is drawn between this fraction of max_lifetime
+# and all of it, so that connections opened together do not expire together.
+_SHORTEST_LIFETIME = 0.9
 _pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
 
 
@@ -200,17 +204,18 @@ class ConnectionPool(Generic[C]):
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         self._entries: Set[Entry[C]] = set()  # every open connection, idle or in use
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
+        self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         self._last_error: Optional[BaseException] = None
         self._failure_streak = 0
         self._reconnected = Event()
         self._reset_counters()
         self._maintained = any(
-            value is not None for value in (self.keepalive, self.max_lifetime, self.leak_warning)
+            value is not None
+            for value in (self.keepalive, self.max_lifetime, self.check_after, self.leak_warning)
         )
-        self._plain_checkout = (
-            self.check_after is None and self.leak_warning is None and self.max_lifetime is None
-        )
-        # Only keepalive, max_lifetime and check_after read the clock.
+        # Only check_after and leak_warning do anything when a connection is lent.
+        self._plain_checkout = self.check_after is None and self.leak_warning is None
+        # Only keepalive, max_lifetime and check_after read the clock when a connection comes back.
         self._timed = any(
             value is not None for value in (self.keepalive, self.max_lifetime, self.check_after)
         )
@@ -284,21 +289,21 @@ class ConnectionPool(Generic[C]):
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
         idle = self._idle
+        # No clock is read here: the maintenance greenlet recycles idle
+        # connections when their lifetime ends, and marks as stale those idle
+        # past check_after.  What _lent() does is inlined, to save a call.
         if idle and self._owner._is_owned():  # an idle entry means nobody waits
             entry = idle.pop()
             entry.unentered = True
             if self._plain_checkout:
                 self._checkouts += 1
                 return entry
-            now = _now()
-            if now < entry.expires_at and (
-                self.check_after is None or now - entry.idle_since < self.check_after
-            ):
+            if not entry.stale:
                 self._checkouts += 1
                 if self.leak_warning is not None:
-                    entry.lent_at = now
+                    entry.lent_at = _now()
                     entry.lent_from = caller = sys._getframe(1)
-                    entry.lent_line = caller.f_lineno
+                    entry.lent_lasti = caller.f_lasti
                 return entry
             return self._acquire(timeout, sys._getframe(1), entry)
         return self._acquire(timeout, sys._getframe(1))
@@ -349,12 +354,14 @@ class ConnectionPool(Generic[C]):
             gevent.killall(background, block=True)
         finally:
             self._connecting = 0
-            # A keepalive check killed before it started never gave its connection back.
-            unchecked = list(self._checking)
+            # A keepalive check or a background close killed before it started
+            # never gave its connection back, nor closed it.
+            unfinished = list(self._checking) + list(self._closing)
             self._checking.clear()
-            for entry in unchecked:
+            self._closing.clear()
+            for entry in unfinished:
                 self._entries.discard(entry)
-            for entry in idle + unchecked:
+            for entry in idle + unfinished:
                 self._close_quietly(entry.conn)
 
     @property
@@ -473,7 +480,7 @@ class ConnectionPool(Generic[C]):
         if self.leak_warning is not None:
             entry.lent_at = _now()
             entry.lent_from = caller
-            entry.lent_line = caller.f_lineno
+            entry.lent_lasti = caller.f_lasti
         return entry
 
     def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> Entry[C]:
@@ -552,6 +559,7 @@ class ConnectionPool(Generic[C]):
             self._discard(entry, error)
             raise
         entry.idle_since = _now()
+        entry.stale = False
         return True
 
     def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any:
@@ -635,7 +643,11 @@ class ConnectionPool(Generic[C]):
 
     def _add(self, conn: C) -> None:
         """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
-        lifetime = math.inf if self.max_lifetime is None else self.max_lifetime * random.uniform(0.9, 1.0)
+        lifetime = (
+            math.inf
+            if self.max_lifetime is None
+            else self.max_lifetime * random.uniform(_SHORTEST_LIFETIME, 1.0)
+        )
         entry = self._entry_class(conn, self, _now() + lifetime)
         self._connecting -= 1
         self._opened += 1
@@ -704,22 +716,30 @@ class ConnectionPool(Generic[C]):
         )
 
     def _maintain(self) -> float:
-        """Recycle, ping and watch connections; return the seconds until there is work again."""
+        """Recycle, ping, mark and watch connections; return the seconds until there is work again.
+
+        It does no I/O (closes and pings run in greenlets of their own), so
+        that get(), which reads no clock, can trust what it leaves in ``_idle``.
+        """
         now = _now()
         # A connection opened or returned while this greenlet sleeps is due no
-        # earlier than a keepalive or leak_warning period from now, but its
-        # lifetime may end sooner: hence the finer step for max_lifetime.
-        lifetime_step = None if self.max_lifetime is None else self.max_lifetime / 50
-        period = min(p for p in (self.keepalive, lifetime_step, self.leak_warning) if p is not None)
-        wake_at = now + period
+        # earlier than one period from now; the lifetimes of those already
+        # open, held ones included, set their own wake-ups below.
+        lifetime = None if self.max_lifetime is None else self.max_lifetime * _SHORTEST_LIFETIME
+        periods = (self.keepalive, lifetime, self.check_after, self.leak_warning)
+        wake_at = now + min(p for p in periods if p is not None)
         expired = [e for e in self._idle if e.expires_at <= now]
         for entry in expired:
             self._idle.remove(entry)
             self._entries.discard(entry)
             self._recycled += 1
+            logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
             self._open_slot()
+            self._closing.add(entry)
+            self._spawn("recycle", close_recycled, entry)
         if self.max_lifetime is not None:
-            wake_at = min([wake_at] + [e.expires_at for e in self._idle])
+            # A held connection that expires is recycled when it comes back.
+            wake_at = min([wake_at] + [e.expires_at for e in self._entries if e.expires_at > now])
         if self.keepalive is not None:
             while self._idle and now - self._idle[0].idle_since >= self.keepalive:
                 entry = self._idle.popleft()
@@ -727,6 +747,12 @@ class ConnectionPool(Generic[C]):
                 self._spawn("keepalive", keepalive_check, entry)
             if self._idle:
                 wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
+        if self.check_after is not None:
+            for entry in self._idle:  # the longest idle first
+                if now - entry.idle_since < self.check_after:
+                    wake_at = min(wake_at, entry.idle_since + self.check_after)
+                    break
+                entry.stale = True  # get() checks it before lending it
         if self.leak_warning is not None:
             for entry in list(self._entries):
                 if entry.lent_from is None:
@@ -735,18 +761,18 @@ class ConnectionPool(Generic[C]):
                     self._warn_leak(entry, now)
                 else:
                     wake_at = min(wake_at, entry.lent_at + self.leak_warning)
-        for entry in expired:
-            self._close_quietly(entry.conn)  # switches
         return max(wake_at - _now(), 0.001)
 
     def _warn_leak(self, entry: Entry[C], now: float) -> None:
         frame = entry.lent_from
+        assert frame is not None
         entry.lent_from = None  # one warning per loan
         stack = traceback.StackSummary.extract(traceback.walk_stack(frame))
         stack.reverse()
-        if stack:
+        if stack:  # the caller has moved on since: show the line of its get() call
             last = stack[-1]
-            stack[-1] = traceback.FrameSummary(last.filename, entry.lent_line, last.name)
+            line = _line_at(frame.f_code, entry.lent_lasti)
+            stack[-1] = traceback.FrameSummary(last.filename, line, last.name)
         logger.warning(
             "pool %r: a connection has been held for %.1f s (leak_warning=%s); it was taken at:\n%s",
             self.name,
@@ -800,6 +826,21 @@ def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float
     if value < 0 or (value == 0 and not zero):
         raise ValueError(f"{argument} must be {'>= 0' if zero else '> 0'} seconds or None, not {value!r}")
     return float(value)
+
+
+def _line_at(code: CodeType, lasti: int) -> int:
+    """The source line of the instruction at offset ``lasti`` of ``code``.
+
+    get() saves ``f_lasti`` rather than ``f_lineno``, which decodes the line
+    table on every call and would cost more than the whole checkout.
+    """
+    line = code.co_firstlineno
+    for offset, start in dis.findlinestarts(code):
+        if offset > lasti:
+            break
+        if start is not None:
+            line = start
+    return line
 
 
 def _after_fork_in_child() -> None:
