@@ -1,4 +1,4 @@
-"""The entries of a pool: each open connection, and the context manager that lends it.
+"""Lending: each open connection with the context manager that lends it, and the callers waiting for one.
 
 Private: the hot path of :meth:`ConnectionPool.get` lives here, in the
 ``__exit__`` methods, one per set of features, so that each pool pays only
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Generic, Optional, Tuple, Type, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, Tuple, Type, TypeVar, Union
+
+import gevent.hub
 
 from geventconnpool.errors import PoolError
 
@@ -20,6 +22,11 @@ if TYPE_CHECKING:
 C = TypeVar("C")
 
 _now = time.monotonic
+
+if TYPE_CHECKING:
+    Wakeup = gevent.hub.Waiter[None]
+else:
+    Wakeup = gevent.hub.Waiter  # not subscriptable at run time
 
 
 def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException], ...]) -> bool:
@@ -85,7 +92,9 @@ class Entry(Generic[C]):
         pool = self.pool
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
-        elif pool._waiters or pool._closed:
+        elif pool._waiters:  # only an open pool has waiters; this entry never expires
+            pool._waiters.popleft().serve(self)
+        elif pool._closed:
             pool._release(self)
         else:
             pool._idle.append(self)
@@ -135,6 +144,41 @@ class TimedEntry(Entry[C]):
         else:
             self.idle_since = now
             pool._idle.append(self)
+
+
+class Waiter(Wakeup):
+    """A caller blocked in :meth:`ConnectionPool.get`, in the pool's first-come, first-served queue.
+
+    ``serve`` hands it a connection or an error, from any greenlet of the
+    pool's thread; the caller finds it in ``result`` when it wakes.  The
+    wake-up is that of a gevent :class:`~gevent.hub.Waiter`, switched from the
+    hub, which makes a second one harmless (a timer firing just as the
+    connection arrives).  It costs a fraction of an
+    :class:`~gevent.event.AsyncResult` and a :class:`gevent.Timeout`, and every
+    hand-off under load goes through it.
+    """
+
+    __slots__ = ("result",)
+
+    # No __init__: gevent's, in C, is much cheaper; the pool sets ``result`` to None.
+    result: Union[Entry[Any], BaseException, None]
+
+    def serve(self, result: Union[Entry[Any], BaseException]) -> None:
+        """Give the caller ``result``, and wake it up."""
+        self.result = result
+        self.hub.loop.run_callback(self.switch, None)
+
+    def wait(self, seconds: Optional[float]) -> None:
+        """Block until served, or for at most ``seconds`` (``None``: no limit)."""
+        if seconds is None:
+            self.get()  # switches
+            return
+        timer = self.hub.loop.timer(seconds)
+        timer.start(self.switch, None)
+        try:
+            self.get()  # switches
+        finally:
+            timer.close()
 
 
 class Orphanage:

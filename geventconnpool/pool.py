@@ -17,12 +17,12 @@ from types import CodeType, FrameType
 from typing import Any, Callable, ContextManager, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 from gevent.monkey import get_original
 
 from geventconnpool._background import close_recycled, connect_loop, keepalive_check, maintenance_loop
 from geventconnpool._backoff import backoff_delay
-from geventconnpool._lease import ORPHANAGE, Entry, TimedEntry, WatchedEntry
+from geventconnpool._lease import ORPHANAGE, Entry, TimedEntry, Waiter, WatchedEntry
 from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
 from geventconnpool.retry import ExcClasses, exception_classes
 
@@ -194,7 +194,7 @@ class ConnectionPool(Generic[C]):
         self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
 
         self._idle: Deque[Entry[C]] = deque()  # most recently returned on the right
-        self._waiters: Deque[AsyncResult[Any]] = deque()  # first come, first served
+        self._waiters: Deque[Waiter] = deque()  # first come, first served
         self._connecting = 0
         self._closed = False
         self._generation = 0  # bumped in a child process after fork()
@@ -305,8 +305,8 @@ class ConnectionPool(Generic[C]):
                     entry.lent_from = caller = sys._getframe(1)
                     entry.lent_lasti = caller.f_lasti
                 return entry
-            return self._acquire(timeout, sys._getframe(1), entry)
-        return self._acquire(timeout, sys._getframe(1))
+            return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None, entry)
+        return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until all ``size`` connections are open.
@@ -342,7 +342,7 @@ class ConnectionPool(Generic[C]):
         self._closed = True
         closed_error = PoolClosed(f"pool {self.name!r} is closed")
         while self._waiters:
-            self._waiters.popleft().set(closed_error)
+            self._waiters.popleft().serve(closed_error)
         idle = list(self._idle)
         self._idle.clear()
         for entry in idle:
@@ -422,7 +422,7 @@ class ConnectionPool(Generic[C]):
             self._start_in_child()
 
     def _acquire(
-        self, timeout: Optional[float], caller: FrameType, entry: Optional[Entry[C]] = None
+        self, timeout: Optional[float], caller: Optional[FrameType], entry: Optional[Entry[C]] = None
     ) -> Entry[C]:
         """Lend a connection, checked if need be: the general path of :meth:`get`.
 
@@ -473,42 +473,40 @@ class ConnectionPool(Generic[C]):
             break
         return self._lent(entry, caller)
 
-    def _lent(self, entry: Entry[C], caller: FrameType) -> Entry[C]:
+    def _lent(self, entry: Entry[C], caller: Optional[FrameType]) -> Entry[C]:
         """Count a checkout, and note where it came from for ``leak_warning``."""
         entry.unentered = True
         self._checkouts += 1
-        if self.leak_warning is not None:
+        if caller is not None:
             entry.lent_at = _now()
             entry.lent_from = caller
             entry.lent_lasti = caller.f_lasti
         return entry
 
     def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> Entry[C]:
-        waiter: AsyncResult[Any] = AsyncResult()
+        waiter = Waiter()
+        waiter.result = None
         self._waiters.append(waiter)
         try:
-            remaining = deadline - _now()
-            waiter.wait(None if remaining == math.inf else max(remaining, 0.0))  # switches
+            waiter.wait(None if deadline == math.inf else max(deadline - _now(), 0.0))  # switches
         except BaseException:
             self._abandon(waiter)
             raise
-        if not waiter.ready():
+        result = waiter.result
+        if result is None:
             self._waiters.remove(waiter)
             self._timeouts += 1
             raise self._timeout_error(f"no connection became free within {limit} s")
-        result = waiter.value
         if isinstance(result, BaseException):
             raise type(result)(*result.args) from result.__cause__
-        assert isinstance(result, Entry)
         return result
 
-    def _abandon(self, waiter: AsyncResult[Any]) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         """A waiter was interrupted: give back what it was handed, or leave the queue."""
-        if waiter.ready():
-            if isinstance(waiter.value, Entry):
-                self._release(waiter.value)
-        else:
+        if waiter.result is None:
             self._waiters.remove(waiter)
+        elif isinstance(waiter.result, Entry):
+            self._release(waiter.result)
 
     def _timeout_error(self, what: str) -> PoolTimeout:
         s = self.stats()
@@ -612,7 +610,7 @@ class ConnectionPool(Generic[C]):
                 return
             entry.idle_since = now
         if self._waiters:
-            self._waiters.popleft().set(entry)
+            self._waiters.popleft().serve(entry)
         else:
             self._idle.append(entry)
 
@@ -653,7 +651,7 @@ class ConnectionPool(Generic[C]):
         self._opened += 1
         self._entries.add(entry)
         if self._waiters:
-            self._waiters.popleft().set(entry)
+            self._waiters.popleft().serve(entry)
         else:
             self._idle.append(entry)
 
@@ -710,7 +708,7 @@ class ConnectionPool(Generic[C]):
         if self.fail_fast and self._unavailable():
             unavailable = self._unavailable_error()
             while self._waiters:
-                self._waiters.popleft().set(unavailable)
+                self._waiters.popleft().serve(unavailable)
         return backoff_delay(
             attempt, initial=self.RECONNECT_DELAY, factor=2.0, cap=self.RECONNECT_MAX_DELAY, jitter=0.5
         )
