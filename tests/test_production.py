@@ -572,6 +572,24 @@ def test_max_lifetime_never_closes_a_held_connection(line_server, leak_check):
     leak_check()
 
 
+def test_a_connection_returned_shortly_before_its_lifetime_ends_is_recycled_on_time(line_server, leak_check):
+    """A connection held while the maintenance greenlet plans its next wake-up, and given back just before its
+    lifetime ends, is recycled when it ends, not one maintenance period later.
+    """
+    lifetime = 1.0
+    with FastLinePool(line_server, 1, max_lifetime=lifetime) as pool:
+        pool.wait(timeout=5)
+        with pool.get() as c:
+            opened = pool.opened_at[id(c)]
+            # The maintenance greenlet wakes about 0.9 * lifetime after the pool was made, while this
+            # block holds the connection; the connection's own lifetime ends between 0.9 and 1.0 of it.
+            wait_until(lambda: time.monotonic() > opened + 0.93 * lifetime, timeout=5)
+        wait_until(lambda: pool.lifetimes, timeout=5)
+        assert pool.lifetimes[0] < lifetime + 0.3, pool.lifetimes
+        assert request(pool, b"PING") == b"PONG"
+    leak_check()
+
+
 def test_an_expired_idle_connection_is_never_lent(leak_check):
     """get() never lends an idle connection older than max_lifetime, even while maintenance is busy."""
     lifetime = 0.2
