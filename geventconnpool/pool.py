@@ -791,6 +791,7 @@ class ConnectionPool(Generic[C]):
         self._idle.clear()
         self._entries.clear()
         self._checking.clear()
+        self._closing.clear()  # the parent closes those
         self._connecting = self.size  # reopened by the child's first call
         self._forked = True
         # The parent's greenlets were copied into this process: one may be in

@@ -340,6 +340,39 @@ def test_child_closing_the_pool_before_using_it_leaves_the_parents_connections(
     leak_check()
 
 
+def test_a_close_pending_at_fork_is_not_done_by_the_child(fork, threaded_server, leak_check):
+    """A fork between the recycling of a connection and its close leaves that close to the parent: the child
+    never closes the parent's connection, even when it closes its pool.
+    """
+    server = threaded_server.server
+    with TracingPool(server, 1, max_lifetime=0.3) as pool:
+        pool.wait(timeout=5)
+        # Yield through the hub's callbacks until the maintenance greenlet has recycled the connection,
+        # before the greenlet that closes it has run.
+        deadline = time.monotonic() + 5
+        while pool.stats().recycled == 0:
+            assert time.monotonic() < deadline, "the connection was not recycled"
+            gevent.sleep(0)
+        assert pool.closes == []
+
+        def child() -> Dict[str, Any]:
+            pool.close()
+            gevent.sleep(0.1)
+            return {"closes": [c for c in pool.closes if c["pid"] == os.getpid()]}
+
+        report = run_child(fork, child)
+        assert report["closes"] == []
+        wait_until(lambda: [c for c in pool.closes if c["pid"] == os.getpid()], timeout=5)
+        assert request_ok(pool)
+    threaded_server.stop()
+    leak_check()
+
+
+def request_ok(pool: ConnectionPool[socket.socket]) -> bool:
+    with pool.get(timeout=5) as c:
+        return talk(c, "PING") == "PONG"
+
+
 def test_fork_while_connections_are_held(fork, threaded_server, leak_check):
     """A fork while the parent holds connections: the child serves on its own ones, the held ones go on
     working in the parent.
