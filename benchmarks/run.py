@@ -217,13 +217,15 @@ def check_targets(tables: Dict[str, Any]) -> List[List[str]]:
         d = t.data.get("0.2.1 design")
         if d:
             add("checkout >= 3x faster than the 0.2.1 design", d["x_lib"] >= 3, f"{d['x_lib']:.2f}x faster")
+        # The issue set +0.2 us where a bare Queue get+put took about 0.15 us; on a slower machine
+        # (or minute) every absolute figure grows alike, so each is also shown in bare-Queue units.
+        bare = t.data.get("bare Queue get+put", {}).get("us")
         for name, fig in t.data.items():
             if name.startswith(lib + " "):
-                add(
-                    f"{name[len(lib) + 1 :]} on costs <= +0.2 us",
-                    fig["plus_us"] <= 0.2,
-                    f"+{fig['plus_us']:.3f} us",
-                )
+                detail = f"+{fig['plus_us']:.3f} us"
+                if bare:
+                    detail += f" ({fig['plus_us'] / bare:.2f}x a bare Queue get+put, here {bare:.3f} us)"
+                add(f"{name[len(lib) + 1 :]} on costs <= +0.2 us", fig["plus_us"] <= 0.2, detail)
     t = tables.get("contended")
     if t is not None:
         for c in (200, 1000):
