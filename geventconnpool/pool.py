@@ -289,6 +289,7 @@ class ConnectionPool(Generic[C]):
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
         idle = self._idle
+        entry = None
         # No clock is read here: the maintenance greenlet recycles idle
         # connections when their lifetime ends, and marks as stale those idle
         # past check_after.  What _lent() does is inlined, to save a call.
@@ -305,8 +306,9 @@ class ConnectionPool(Generic[C]):
                     entry.lent_from = caller = sys._getframe(1)
                     entry.lent_lasti = caller.f_lasti
                 return entry
-            return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None, entry)
-        return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None)
+        # The general path: a stale entry to check, or none idle.  Only
+        # leak_warning needs the caller's frame, which costs to get.
+        return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None, entry)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until all ``size`` connections are open.
