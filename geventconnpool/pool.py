@@ -452,8 +452,7 @@ class ConnectionPool(Generic[C]):
                 break
             now = _now()
             if now >= entry.expires_at:  # the maintenance greenlet has not recycled it yet
-                self._recycled += 1
-                self._forget(entry)  # switches
+                self._recycle(entry)  # switches
                 entry = None
                 continue
             if self.check_after is not None and now - entry.idle_since >= self.check_after:
@@ -606,9 +605,7 @@ class ConnectionPool(Generic[C]):
         if self._timed:
             now = _now()
             if now >= entry.expires_at:
-                self._recycled += 1
-                logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
-                self._forget(entry)
+                self._recycle(entry)
                 return
             entry.idle_since = now
         if self._waiters:
@@ -625,12 +622,26 @@ class ConnectionPool(Generic[C]):
             logger.warning("pool %r: discarding a broken connection after %r", self.name, error)
         self._forget(entry)
 
-    def _forget(self, entry: Entry[C]) -> None:
-        """Close a held entry and, unless the pool is closed, start opening its replacement."""
+    def _recycle(self, entry: Entry[C], in_background: bool = False) -> None:
+        """A held entry reached its lifetime: count it, close it and open its replacement."""
+        self._recycled += 1
+        logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
+        self._forget(entry, in_background)
+
+    def _forget(self, entry: Entry[C], in_background: bool = False) -> None:
+        """Close a held entry and, unless the pool is closed, start opening its replacement.
+
+        ``in_background`` closes it in a greenlet of its own, for the
+        maintenance greenlet, which must not wait for a slow close.
+        """
         self._entries.discard(entry)
         if not self._closed:
             self._open_slot()
-        self._close_quietly(entry.conn)  # switches
+        if in_background:
+            self._closing.add(entry)
+            self._spawn("recycle", close_recycled, entry)
+        else:
+            self._close_quietly(entry.conn)  # switches
 
     def _close_quietly(self, conn: C) -> None:
         """Call :meth:`_close_connection` under ``connect_timeout``; log its errors at DEBUG."""
@@ -731,12 +742,7 @@ class ConnectionPool(Generic[C]):
         expired = [e for e in self._idle if e.expires_at <= now]
         for entry in expired:
             self._idle.remove(entry)
-            self._entries.discard(entry)
-            self._recycled += 1
-            logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
-            self._open_slot()
-            self._closing.add(entry)
-            self._spawn("recycle", close_recycled, entry)
+            self._recycle(entry, in_background=True)
         if self.max_lifetime is not None:
             # A held connection that expires is recycled when it comes back.
             wake_at = min([wake_at] + [e.expires_at for e in self._entries if e.expires_at > now])
