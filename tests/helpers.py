@@ -106,6 +106,15 @@ class LineServer:
     def running(self) -> bool:
         return self._server is not None
 
+    def wait_for_accepted(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until ``accepted`` is ``count``.
+
+        The server counts a connection when its handler greenlet starts, a loop
+        turn after the client's connect returns: read at once after
+        ``pool.wait()``, ``accepted`` may still be one short.
+        """
+        wait_until(lambda: self.accepted == count, timeout, message=lambda: f"accepted={self.accepted}")
+
     def _handle(self, sock: socket.socket, address: Tuple[str, int]) -> None:
         self.accepted += 1
         self.open.add(sock)

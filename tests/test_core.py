@@ -136,7 +136,7 @@ def test_exc_classes_error_discards_closes_and_replaces(flavour, line_server, le
         assert pool.calls == 3
         wait_until(lambda: line_server.closed == 1)
         pool.wait(timeout=5)
-        wait_until(lambda: line_server.accepted == 3)  # the server's handler starts a loop turn later
+        line_server.wait_for_accepted(3)
         stats = pool.stats()
         assert (stats.idle, stats.opened, stats.discarded) == (2, 3, 1)
         with pool.get() as a, pool.get() as b:

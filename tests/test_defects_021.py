@@ -49,7 +49,7 @@ def test_defect1_new_connection_raising_does_not_shrink_the_pool(down, leak_chec
             server.start()
             pool.wait(timeout=10)
             assert pool.stats().idle == 3
-            wait_until(lambda: server.accepted == 3)  # the server's handlers start a loop turn later
+            server.wait_for_accepted(3)
             for _ in range(4):
                 assert request(pool, b"PING") == b"PONG"
     finally:
@@ -164,7 +164,7 @@ def test_defect2_discarded_connections_are_closed(line_server, leak_check):
         assert pool.dropped == victims
         assert all(v.fileno() == -1 for v in victims)
         wait_until(lambda: line_server.closed == 5)
-        wait_until(lambda: line_server.accepted == 7)  # the server's handlers start a loop turn later
+        line_server.wait_for_accepted(7)
         assert len(line_server.open) == 2
     leak_check()
 

@@ -363,14 +363,10 @@ def test_a_close_pending_at_fork_is_not_done_by_the_child(fork, threaded_server,
         report = run_child(fork, child)
         assert report["closes"] == []
         wait_until(lambda: [c for c in pool.closes if c["pid"] == os.getpid()], timeout=5)
-        assert request_ok(pool)
+        with pool.get(timeout=5) as c:
+            assert talk(c, "PING") == "PONG"
     threaded_server.stop()
     leak_check()
-
-
-def request_ok(pool: ConnectionPool[socket.socket]) -> bool:
-    with pool.get(timeout=5) as c:
-        return talk(c, "PING") == "PONG"
 
 
 def test_fork_while_connections_are_held(fork, threaded_server, leak_check):

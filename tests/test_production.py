@@ -880,7 +880,7 @@ def test_wait_fills_the_pool(line_server, leak_check):
         pool.wait(timeout=5)
         s = pool.stats()
         assert (s.idle, s.opened, s.connecting) == (4, 4, 0)
-        wait_until(lambda: line_server.accepted == 4)  # its handlers start a loop turn later
+        line_server.wait_for_accepted(4)
     leak_check()
 
 
@@ -1097,7 +1097,7 @@ def test_stats_counters_add_up(line_server, leak_check):
         assert s.checkouts == 1 + 3 + 1 + 1 + 2
         assert s.discarded == 1
         assert s.opened == 3
-        wait_until(lambda: line_server.accepted == 3)  # the server's handlers start a loop turn later
+        line_server.wait_for_accepted(3)
         assert s.timeouts == 1
         assert s.failed_connects == s.recycled == s.keepalive_failures == 0
         assert (s.idle, s.in_use, s.connecting, s.waiting) == (2, 0, 0, 0)

@@ -429,6 +429,5 @@ def test_documented_usage_with_a_real_pool(line_server, log, caplog, leak_check)
             assert message.startswith("Connection broken in 'senddata' (error: '")
             assert message.endswith("'); retrying with new connection.")
         pool.wait(timeout=5)  # every discarded connection was replaced
-        # The server counts a connection when its handler starts, a loop turn after the pool has it.
-        wait_until(lambda: line_server.accepted == 3 + len(attempts) - 1)
+        line_server.wait_for_accepted(3 + len(attempts) - 1)
     leak_check()
