@@ -21,23 +21,36 @@ logger = logging.getLogger("geventconnpool")
 
 
 def connect_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
-    """Open one connection for a slot, retrying with backoff until it is open."""
+    """Open one connection for a slot, retrying with backoff until it is open.
+
+    Only the pool's own stop (close, fork, or the pool collected) ends it
+    sooner: any other failure, of the hook or of the pool's own code, is a
+    failed attempt.
+    """
     attempt = 0
     while True:
         pool = pool_ref()
-        if pool is None or pool._generation != generation:
+        if pool is None or pool._generation != generation or pool._closed:
             return
         attempt += 1
         try:
-            wait = pool._connect_once(attempt, generation)
-        except Exception:
+            wait = pool._connect_once(attempt)
+        except BaseException:
+            if pool._stopping():
+                return
             logger.exception("pool %r: unexpected error while connecting", pool.name)
             wait = pool.RECONNECT_MAX_DELAY
         if wait is None:
             return
         reconnected = pool._reconnected
         del pool
-        reconnected.wait(wait)  # another slot connecting again ends the backoff
+        try:
+            reconnected.wait(wait)  # another slot connecting again ends the backoff
+        except BaseException:
+            pool = pool_ref()
+            if pool is None or pool._stopping():
+                return
+            del pool
 
 
 def maintenance_loop(pool_ref: weakref.ref[ConnectionPool[Any]], generation: int) -> None:
@@ -61,7 +74,7 @@ def close_recycled(pool_ref: weakref.ref[ConnectionPool[Any]], entry: Entry[Any]
     if pool is None or entry not in pool._closing:
         return  # close() took it over
     pool._closing.discard(entry)
-    pool._close_quietly(entry.conn)
+    pool._close_quietly(entry.conn, in_background=True)
 
 
 def keepalive_check(pool_ref: weakref.ref[ConnectionPool[Any]], entry: Entry[Any]) -> None:

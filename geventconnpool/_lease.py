@@ -23,6 +23,13 @@ C = TypeVar("C")
 
 _now = time.monotonic
 
+# Where an entry is in its loan (Entry.loan).  A lease enters once and exits
+# once: each step checks the one before, so that a second exit, which would
+# put the connection in the pool twice, raises instead.
+IN_POOL = 0  # idle, connecting or being checked: no caller has it
+LENT = 1  # returned by get(), not entered yet
+ENTERED = 2  # inside its with block
+
 if TYPE_CHECKING:
     Wakeup = gevent.hub.Waiter[None]
 else:
@@ -42,6 +49,14 @@ def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException]
     return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
 
 
+def exited_twice() -> RuntimeError:
+    """The error of a lease exited when it was not inside its ``with`` block."""
+    return RuntimeError(
+        "the context manager returned by pool.get() gives its connection back once, at the end of its "
+        "with statement: it was not entered, or it already exited"
+    )
+
+
 class Entry(Generic[C]):
     """One open connection and what the pool knows of it.
 
@@ -58,9 +73,9 @@ class Entry(Generic[C]):
         "lent_at",
         "lent_from",
         "lent_lasti",
+        "loan",
         "pool",
         "stale",
-        "unentered",
     )
 
     def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
@@ -72,15 +87,15 @@ class Entry(Generic[C]):
         self.lent_from: Optional[FrameType] = None
         self.lent_lasti = 0  # the offset of the get() call in lent_from's code
         self.stale = False  # idle past check_after: get() checks it before lending it
-        self.unentered = False  # true from get() to __enter__: a lease enters once
+        self.loan = IN_POOL
 
     def __enter__(self) -> C:
-        if not self.unentered:
+        if self.loan != LENT:
             raise RuntimeError(
-                "the context manager returned by pool.get() serves one with statement only: "
+                "the context manager returned by pool.get() serves one with statement only, entered once: "
                 "call pool.get() again"
             )
-        self.unentered = False
+        self.loan = ENTERED
         return self.conn
 
     def __exit__(
@@ -89,6 +104,9 @@ class Entry(Generic[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        if self.loan != ENTERED:
+            raise exited_twice()
+        self.loan = IN_POOL
         pool = self.pool
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
@@ -111,6 +129,9 @@ class WatchedEntry(Entry[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        if self.loan != ENTERED:
+            raise exited_twice()
+        self.loan = IN_POOL
         self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
         pool = self.pool
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
@@ -133,6 +154,9 @@ class TimedEntry(Entry[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        if self.loan != ENTERED:
+            raise exited_twice()
+        self.loan = IN_POOL
         pool = self.pool
         self.lent_from = None
         if exc_type is not None and breaks(exc_type, pool._exc_classes):

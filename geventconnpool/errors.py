@@ -4,6 +4,8 @@ Every one of them derives from :class:`PoolError`, and each leaf also derives
 from the builtin exception that callers already catch for the same condition.
 """
 
+from typing import Optional
+
 __all__ = ["PoolClosed", "PoolError", "PoolTimeout", "PoolUnavailable"]
 
 
@@ -18,6 +20,13 @@ class PoolTimeout(PoolError, TimeoutError):
 
     __module__ = "geventconnpool"
 
+    #: Seconds until the pool's next attempt to open a connection, when the
+    #: timeout happened while the remote end was failing; ``None`` when the
+    #: pool was only busy.  :func:`~geventconnpool.retry` waits at least that long.
+    #:
+    #: .. versionadded:: 1.1
+    retry_after: Optional[float] = None
+
 
 class PoolClosed(PoolError):
     """The pool was closed: it lends no more connections."""
@@ -29,3 +38,10 @@ class PoolUnavailable(PoolError, ConnectionError):
     """The remote end is unreachable and the pool was made with ``fail_fast=True``."""
 
     __module__ = "geventconnpool"
+
+    #: Seconds until the pool's next attempt to open a connection.
+    #: :func:`~geventconnpool.retry` waits at least that long before it calls
+    #: again, so that retrying during an outage does not spin.
+    #:
+    #: .. versionadded:: 1.1
+    retry_after: Optional[float] = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dis
 import logging
 import math
@@ -14,15 +15,17 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Any, Callable, ContextManager, Deque, Generic, Optional, Set, Tuple, Type, TypeVar
+from typing import Any, Callable, ContextManager, Deque, Dict, Generic, Optional, Set, Tuple, Type, TypeVar
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
+from greenlet import GreenletExit
 
 from geventconnpool._background import close_recycled, connect_loop, keepalive_check, maintenance_loop
 from geventconnpool._backoff import backoff_delay
-from geventconnpool._lease import ORPHANAGE, Entry, TimedEntry, Waiter, WatchedEntry
+from geventconnpool._lease import LENT, ORPHANAGE, Entry, TimedEntry, Waiter, WatchedEntry
+from geventconnpool._outage import OutageLog
 from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
 from geventconnpool.retry import ExcClasses, exception_classes
 
@@ -43,6 +46,12 @@ _now = time.monotonic
 # and all of it, so that connections opened together do not expire together.
 _SHORTEST_LIFETIME = 0.9
 _pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
+# What interrupts a caller rather than reports a failure: the caller's own
+# gevent.Timeout, a kill, Ctrl-C, sys.exit().
+_STOP_NOW = (gevent.Timeout, GreenletExit, KeyboardInterrupt, SystemExit)
+# How long after a slot's next attempt begins a caller given retry_after wakes:
+# a few loop turns, for the caller to find the attempt under way, not due.
+_AFTER_THE_SLOT = 0.005
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,11 @@ class ConnectionPool(Generic[C]):
     RECONNECT_DELAY = 0.1
     #: The longest wait between two attempts to open a connection, in seconds.
     RECONNECT_MAX_DELAY = 10.0
+    #: How much longer each wait is than the one before.
+    RECONNECT_FACTOR = 2.0
+    #: Each wait is shortened by a random fraction of itself, up to this one,
+    #: so that slots that failed together do not try again together.
+    RECONNECT_JITTER = 0.5
 
     _counter = 0
 
@@ -206,8 +220,12 @@ class ConnectionPool(Generic[C]):
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         self._last_error: Optional[BaseException] = None
-        self._failure_streak = 0
+        self._outage = OutageLog()
+        # Per connecting slot (its greenlet): when it tries next if it sleeps
+        # after a failure (else None), and the wait that follows its next failure.
+        self._next_attempts: Dict[Any, Tuple[Optional[float], Optional[float]]] = {}
         self._reconnected = Event()
+        self._loop = gevent.get_hub().loop
         self._reset_counters()
         self._maintained = any(
             value is not None
@@ -295,7 +313,7 @@ class ConnectionPool(Generic[C]):
         # past check_after.  What _lent() does is inlined, to save a call.
         if idle and self._owner._is_owned():  # an idle entry means nobody waits
             entry = idle.pop()
-            entry.unentered = True
+            entry.loan = LENT
             if self._plain_checkout:
                 self._checkouts += 1
                 return entry
@@ -356,6 +374,7 @@ class ConnectionPool(Generic[C]):
             gevent.killall(background, block=True)
         finally:
             self._connecting = 0
+            self._next_attempts.clear()
             # A keepalive check or a background close killed before it started
             # never gave its connection back, nor closed it.
             unfinished = list(self._checking) + list(self._closing)
@@ -476,7 +495,7 @@ class ConnectionPool(Generic[C]):
 
     def _lent(self, entry: Entry[C], caller: Optional[FrameType]) -> Entry[C]:
         """Count a checkout, and note where it came from for ``leak_warning``."""
-        entry.unentered = True
+        entry.loan = LENT
         self._checkouts += 1
         if caller is not None:
             entry.lent_at = _now()
@@ -499,7 +518,9 @@ class ConnectionPool(Generic[C]):
             self._timeouts += 1
             raise self._timeout_error(f"no connection became free within {limit} s")
         if isinstance(result, BaseException):
-            raise type(result)(*result.args) from result.__cause__
+            # Every waiter served one error object raises a copy of its own:
+            # raising the shared one would chain each waiter's traceback onto it.
+            raise copy.copy(result) from result.__cause__
         return result
 
     def _abandon(self, waiter: Waiter) -> None:
@@ -519,16 +540,44 @@ class ConnectionPool(Generic[C]):
         if cause is not None:
             message += f"; last connect error: {cause!r}"
         error = PoolTimeout(message)
+        if cause is not None:
+            error.retry_after = self._retry_after()
         error.__cause__ = cause
         error.__suppress_context__ = True
         return error
+
+    def _retry_after(self) -> float:
+        """Seconds until the pool's next attempt to open a connection, at the soonest.
+
+        A slot sleeping after a failure tries again when its sleep ends; a
+        slot trying now, or due to (a caller woken by the same tick may run
+        first), tries again, if this attempt fails, no sooner than its next
+        wait (a caller told 0 here would spin until the attempt fails).  The
+        caller is told a few milliseconds more, so that it wakes once that
+        attempt is under way and calls once per attempt.
+        Times are the event loop's, which the slots' sleeps and the caller's
+        ``gevent.sleep`` also use.
+        """
+        now = self._loop.now()
+        soonest = math.inf
+        for sleeps_until, next_wait in self._next_attempts.values():
+            if sleeps_until is not None and sleeps_until > now:
+                soonest = min(soonest, sleeps_until - now + _AFTER_THE_SLOT)
+            elif next_wait is not None:
+                soonest = min(soonest, next_wait + _AFTER_THE_SLOT)
+        return soonest if soonest != math.inf else 0.0
 
     def _unavailable(self) -> bool:
         """Whether no connection is open and the latest attempt to open one failed."""
         return self._last_error is not None and not self._entries
 
     def _unavailable_error(self) -> PoolUnavailable:
-        error = PoolUnavailable(f"pool {self.name!r} cannot reach its remote end: {self._last_error!r}")
+        retry_after = self._retry_after()
+        error = PoolUnavailable(
+            f"pool {self.name!r} cannot reach its remote end: {self._last_error!r};"
+            f" it tries again in {retry_after:.3g} s"
+        )
+        error.retry_after = retry_after
         error.__cause__ = self._last_error
         error.__suppress_context__ = True
         return error
@@ -536,26 +585,26 @@ class ConnectionPool(Generic[C]):
     def _check(self, entry: Entry[C], seconds: Optional[float], in_background: bool = False) -> bool:
         """Run :meth:`_keepalive` on a held entry; discard it and return False if it fails.
 
-        In a caller's :meth:`get`, a :class:`gevent.Timeout` may be the caller's
-        own and propagates; in the background it can only be the hook's own,
-        and is a failed check like any other error.  ``seconds`` bounds it.
+        In a caller's :meth:`get` (the ``check_after`` check), a
+        :exc:`BaseException` that is no :exc:`Exception` may be the caller's own
+        timeout or kill: it discards the connection and propagates.  In the
+        background (the ``keepalive`` check) anything the hook raises is a
+        failed check, except the pool's own stop.  ``seconds`` bounds it.
         """
+        found_by = "the keepalive check" if in_background else "the check_after check"
         try:
             self._bounded(seconds, "_keepalive()", self._keepalive, entry.conn)  # switches
         except self._check_failures as error:
-            self._check_failed(entry, error)
+            self._check_failed(entry, error, found_by)
             return False
         except Exception as error:
-            self._check_failed(entry, error, unexpected=True)
-            return False
-        except gevent.Timeout as error:
-            if not in_background:
-                self._discard(entry, error)
-                raise
-            self._check_failed(entry, error, unexpected=True)
+            self._check_failed(entry, error, found_by, unexpected=True)
             return False
         except BaseException as error:
-            self._discard(entry, error)
+            if in_background and not self._stopping():
+                self._check_failed(entry, error, found_by, unexpected=True)
+                return False
+            self._discard(entry, error, found_by)
             raise
         entry.idle_since = _now()
         entry.stale = False
@@ -580,18 +629,11 @@ class ConnectionPool(Generic[C]):
         finally:
             timer.close()
 
-    def _check_failed(self, entry: Entry[C], error: BaseException, unexpected: bool = False) -> None:
+    def _check_failed(
+        self, entry: Entry[C], error: BaseException, found_by: str, unexpected: bool = False
+    ) -> None:
         self._keepalive_failures += 1
-        if unexpected:
-            logger.warning(
-                "pool %r: _keepalive() raised %r, which is not in exc_classes; discarding the connection",
-                self.name,
-                error,
-                exc_info=error,
-            )
-        else:
-            logger.warning("pool %r: keepalive check failed, discarding the connection: %r", self.name, error)
-        self._discard(entry, error)
+        self._discard(entry, error, found_by, unexpected)
 
     # -- moving slots between idle, in use and connecting ---------------------
 
@@ -613,13 +655,32 @@ class ConnectionPool(Generic[C]):
         else:
             self._idle.append(entry)
 
-    def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
-        """A held entry is broken: close it and open a replacement."""
+    def _discard(
+        self,
+        entry: Entry[C],
+        error: Optional[BaseException],
+        found_by: str = "its block",
+        unexpected: bool = False,
+    ) -> None:
+        """A held entry is broken: log it (one line), close it and open a replacement.
+
+        ``found_by`` says what found it broken; ``unexpected`` adds the
+        traceback of an error that is not one of ``exc_classes``.
+        """
         if entry.pool is not self:
             return
         if not self._closed:
             self._discarded += 1
-            logger.warning("pool %r: discarding a broken connection after %r", self.name, error)
+            if unexpected:
+                logger.warning(
+                    "pool %r: discarding a connection: %s raised %r, which is not in exc_classes",
+                    self.name,
+                    found_by,
+                    error,
+                    exc_info=error,
+                )
+            else:
+                logger.warning("pool %r: discarding a connection: %s raised %r", self.name, found_by, error)
         self._forget(entry)
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None:
@@ -643,14 +704,30 @@ class ConnectionPool(Generic[C]):
         else:
             self._close_quietly(entry.conn)  # switches
 
-    def _close_quietly(self, conn: C) -> None:
-        """Call :meth:`_close_connection` under ``connect_timeout``; log its errors at DEBUG."""
+    def _close_quietly(self, conn: C, in_background: bool = False) -> None:
+        """Call :meth:`_close_connection` under ``connect_timeout``; log its errors at DEBUG.
+
+        In a caller's greenlet, a :exc:`BaseException` that says "stop now" (the
+        caller's timeout, a kill, Ctrl-C) propagates; in the background only the
+        pool's own stop does.
+        """
         try:
             self._bounded(
                 self.connect_timeout, "_close_connection()", self._close_connection, conn
             )  # switches
-        except Exception:
+        except BaseException as error:
+            if isinstance(error, _STOP_NOW) and (not in_background or self._stopping()):
+                raise
             logger.debug("pool %r: _close_connection() failed", self.name, exc_info=True)
+
+    def _stopping(self) -> bool:
+        """Whether the current background greenlet is being stopped by the pool itself.
+
+        :meth:`close` closes the pool before it kills them, and a forked child
+        forgets the greenlets it inherited before it kills them; anything else
+        that interrupts a background greenlet is a failure of the work it does.
+        """
+        return self._closed or gevent.getcurrent() not in self._greenlets
 
     def _add(self, conn: C) -> None:
         """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
@@ -686,45 +763,65 @@ class ConnectionPool(Generic[C]):
         self._greenlets.add(greenlet)
         greenlet.link(self._greenlets.discard)
 
-    def _connect_once(self, attempt: int, generation: int) -> Optional[float]:
-        """Try once to open a connection for a slot.
+    def _reconnect_wait(self, attempt: int) -> float:
+        """The seconds a slot waits after its ``attempt``-th failed connect in a row."""
+        return backoff_delay(
+            attempt,
+            initial=self.RECONNECT_DELAY,
+            factor=self.RECONNECT_FACTOR,
+            cap=self.RECONNECT_MAX_DELAY,
+            jitter=self.RECONNECT_JITTER,
+        )
+
+    def _connect_once(self, attempt: int) -> Optional[float]:
+        """Try once to open a connection for the current slot (the calling greenlet).
 
         Return the seconds to wait before the next try, or None when the slot is done.
         """
+        slot = gevent.getcurrent()
+        # The wait after a failure is drawn one attempt ahead, so that
+        # _retry_after() knows it while this attempt is under way.
+        next_wait = self._next_attempts.get(slot, (None, None))[1]
+        if next_wait is None:
+            next_wait = self._reconnect_wait(attempt)
+        self._next_attempts[slot] = (None, next_wait)
         error: BaseException = TypeError("_new_connection() returned None")
         try:
             conn = self._bounded(self.connect_timeout, "_new_connection()", self._new_connection)  # switches
-        except (Exception, gevent.Timeout) as exc:  # a Timeout here is the hook's own: nobody else waits
+        except BaseException as exc:  # whatever it is, the attempt failed, unless the pool stops us
+            if self._stopping():
+                raise
             conn, error = None, exc
-        if generation != self._generation:
-            return None  # the process forked meanwhile: this slot belongs to the parent
+        if slot not in self._greenlets:
+            return None  # the process forked meanwhile: the connection is the parent's
         if self._closed:  # close() was called from _new_connection() itself
             if conn is not None:
                 self._close_quietly(conn)
             return None
         if conn is not None:
+            del self._next_attempts[slot]
             self._add(conn)
-            if self._failure_streak:
-                logger.info(
-                    "pool %r: connected again after %d failed attempts", self.name, self._failure_streak
-                )
-                self._failure_streak = 0
+            recovered = self._outage.succeeded(_now())
+            if recovered is not None:
+                logger.info("pool %r: %s", self.name, recovered)
                 self._last_error = None
                 self._reconnected.set()
                 self._reconnected = Event()
             return None
         self._failed_connects += 1
-        self._failure_streak += 1
         self._last_error = error
-        log = logger.warning if self._failure_streak == 1 else logger.debug
-        log("pool %r: failed to open a connection, retrying: %r", self.name, error)
+        # The slot sleeps next_wait on the loop's clock, from this very tick.
+        self._next_attempts[slot] = (self._loop.now() + next_wait, self._reconnect_wait(attempt + 1))
+        warning = self._outage.failed(error, _now())
+        if warning is not None:
+            logger.warning("pool %r: %s", self.name, warning)
+        else:
+            logger.debug("pool %r: failed to open a connection, retrying: %r", self.name, error)
         if self.fail_fast and self._unavailable():
             unavailable = self._unavailable_error()
             while self._waiters:
                 self._waiters.popleft().serve(unavailable)
-        return backoff_delay(
-            attempt, initial=self.RECONNECT_DELAY, factor=2.0, cap=self.RECONNECT_MAX_DELAY, jitter=0.5
-        )
+        return next_wait
 
     def _maintain(self) -> float:
         """Recycle, ping, mark and watch connections; return the seconds until there is work again.
@@ -800,6 +897,7 @@ class ConnectionPool(Generic[C]):
         self._entries.clear()
         self._checking.clear()
         self._closing.clear()  # the parent closes those
+        self._next_attempts.clear()
         self._connecting = self.size  # reopened by the child's first call
         self._forked = True
         # The parent's greenlets were copied into this process: one may be in
@@ -814,7 +912,8 @@ class ConnectionPool(Generic[C]):
         self._forked = False
         self._reset_counters()
         self._last_error = None
-        self._failure_streak = 0
+        self._outage = OutageLog()
+        self._next_attempts.clear()
         self._reconnected = Event()
         self._connecting = 0
         if not self._closed:

@@ -12,6 +12,7 @@ import gevent
 from greenlet import GreenletExit
 
 from geventconnpool._backoff import backoff_delay
+from geventconnpool.errors import PoolTimeout, PoolUnavailable
 
 if TYPE_CHECKING:
     from typing import ParamSpec
@@ -24,8 +25,11 @@ R = TypeVar("R")
 ExcClasses = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
 
 RETRY_LOG_MESSAGE = "Connection broken in '{f}' (error: '{e}'); retrying with new connection."
-MAX_FAILURE_LOG_MESSAGE = "Max retries reached for '{f}'. Aborting."
+MAX_FAILURE_LOG_MESSAGE = "Max retries reached for '{f}' (error: '{e}'). Aborting."
 
+# The pool's errors that say when its next connect attempt is (retry_after):
+# calling again before then only meets the same error.
+_WAITS_FOR_THE_POOL = (PoolTimeout, PoolUnavailable)
 # Exceptions that mean "stop now", never "the network failed": retrying them
 # would defeat a timeout, a kill() or Ctrl-C.
 _NEVER_RETRIED = (gevent.Timeout, GreenletExit, KeyboardInterrupt, SystemExit)
@@ -87,6 +91,7 @@ def retry(
     jitter: float = ...,
     max_time: Optional[float] = ...,
     giveup: Optional[Callable[[BaseException], object]] = ...,
+    sleep: Callable[[float], object] = ...,
 ) -> Callable[P, R]: ...
 
 
@@ -107,6 +112,7 @@ def retry(
     jitter: float = ...,
     max_time: Optional[float] = ...,
     giveup: Optional[Callable[[BaseException], object]] = ...,
+    sleep: Callable[[float], object] = ...,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -126,6 +132,7 @@ def retry(
     jitter: float = 0.0,
     max_time: Optional[float] = None,
     giveup: Optional[Callable[[BaseException], object]] = None,
+    sleep: Callable[[float], object] = gevent.sleep,
 ) -> Any:
     """Re-run the decorated function when it fails with one of ``exc_classes``.
 
@@ -134,7 +141,11 @@ def retry(
     whose block raised one of its ``exc_classes``, each attempt of a function
     that borrows from the pool runs on a different connection.
 
-    Between attempts it sleeps with gevent, so other greenlets run.  The
+    Between attempts it sleeps with gevent, so other greenlets run.  After a
+    :class:`~geventconnpool.PoolUnavailable`, or a
+    :class:`~geventconnpool.PoolTimeout` raised while the remote end is down,
+    it waits at least until the pool's next connect attempt (the error's
+    ``retry_after``), whatever its own schedule says.  The
     exception of the attempt that gives up is re-raised unchanged, traceback
     included.  :class:`gevent.Timeout`, :exc:`greenlet.GreenletExit`,
     :exc:`KeyboardInterrupt` and :exc:`SystemExit` are never retried.
@@ -168,7 +179,11 @@ def retry(
     :param max_time: a budget in seconds since the first attempt (monotonic
         clock): no wait is begun that would end past it; ``None`` for none.
     :param giveup: a predicate on the exception; when it returns true the
-        exception is re-raised at once, without another attempt.
+        exception is re-raised at once, without another attempt (and without
+        the give-up message, which is for running out of retries).
+    :param sleep: the function that waits between attempts, given the
+        seconds; a test can pass ``waits.append`` to record the waits instead
+        of sleeping.
     :raises TypeError: ``f`` is an exception class (pass it as
         ``exc_classes=``), or an argument has the wrong type.
     :raises ValueError: a number is out of range, or a template names an
@@ -178,6 +193,10 @@ def retry(
        Keyword options work with ``@retry(...)``; added ``backoff``,
        ``max_interval``, ``jitter``, ``max_time``, ``giveup`` and the
        ``{attempt}`` and ``{wait}`` fields.
+
+    .. versionchanged:: 1.1
+       Waits at least an error's ``retry_after``; added ``sleep``; the default
+       give-up message names the error, and ``giveup`` writes no give-up message.
     """
     if isinstance(f, type) or (isinstance(f, tuple) and f):
         raise TypeError(
@@ -203,6 +222,8 @@ def retry(
     budget = _seconds(max_time, "max_time", optional=True, allow_zero=False)
     if giveup is not None and not callable(giveup):
         raise TypeError(f"giveup must be a callable or None, not {giveup!r}")
+    if not callable(sleep):
+        raise TypeError(f"sleep must be a callable, not {sleep!r}")
     for level, name in (
         (retry_log_level, "retry_log_level"),
         (max_failure_log_level, "max_failure_log_level"),
@@ -233,11 +254,14 @@ def retry(
                         cap=cap,
                         jitter=spread or 0.0,
                     )
-                    if (
-                        (max_failures is not None and attempt > max_failures)
-                        or (giveup is not None and giveup(error))
-                        or (budget is not None and time.monotonic() + wait > started + budget)
-                    ):
+                    if isinstance(error, _WAITS_FOR_THE_POOL) and error.retry_after is not None:
+                        wait = max(wait, error.retry_after)
+                    exhausted = max_failures is not None and attempt > max_failures
+                    if not exhausted and giveup is not None and giveup(error):
+                        if logger is not None:
+                            logger.debug("giving up on %r at once: giveup(%r) is true", name, error)
+                        raise
+                    if exhausted or (budget is not None and time.monotonic() + wait > started + budget):
                         if logger is not None:
                             logger.log(
                                 max_failure_log_level,
@@ -249,7 +273,7 @@ def retry(
                             retry_log_level, retry_message.format(f=name, e=error, attempt=attempt, wait=wait)
                         )
                     del error  # not kept alive, with its traceback, across the sleep
-                    gevent.sleep(wait)
+                    sleep(wait)
 
         return wrapper
 

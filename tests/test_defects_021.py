@@ -216,7 +216,7 @@ def test_defect4_retry_keyword_arguments_and_logging(caplog):
     assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tests.defect4"] == [
         (logging.INFO, again),
         (logging.INFO, again),
-        (logging.ERROR, "Max retries reached for 'senddata'. Aborting."),
+        (logging.ERROR, "Max retries reached for 'senddata' (error: 'reset by peer'). Aborting."),
     ]
 
 

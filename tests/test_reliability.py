@@ -483,7 +483,7 @@ def test_keepalive_that_hangs_is_bounded_by_connect_timeout(line_server, leak_ch
     assert time.monotonic() - started >= 0.3
     assert not first & set(pool.owned_ports())
     assert any(
-        "keepalive check failed" in r.getMessage() and "connect_timeout" in r.getMessage()
+        "the keepalive check raised" in r.getMessage() and "connect_timeout" in r.getMessage()
         for r in caplog.records
     )
     keepalives = [g for g in pool_greenlets() if pool.name in g.name and "keepalive" in g.name]

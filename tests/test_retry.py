@@ -17,7 +17,7 @@ from geventconnpool import retry
 
 LOGGER_NAME = "tests.retry"
 RETRY_MESSAGE = "Connection broken in '{f}' (error: '{e}'); retrying with new connection."
-GIVE_UP_MESSAGE = "Max retries reached for '{f}'. Aborting."
+GIVE_UP_MESSAGE = "Max retries reached for '{f}' (error: '{e}'). Aborting."
 
 
 class Flaky:
@@ -170,7 +170,7 @@ def test_default_messages_exactly(log, caplog):
             logging.INFO,
             "Connection broken in 'operation' (error: 'failure 1'); retrying with new connection.",
         ),
-        (logging.ERROR, "Max retries reached for 'operation'. Aborting."),
+        (logging.ERROR, "Max retries reached for 'operation' (error: 'failure 2'). Aborting."),
     ]
 
 
