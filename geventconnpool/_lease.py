@@ -3,21 +3,20 @@
 Private: the hot path of :meth:`ConnectionPool.get` lives here, in the
 ``__exit__`` methods, one per set of features, so that each pool pays only
 for the bookkeeping its options need.  They repeat a few lines on purpose:
-a shared helper would cost a function call on every checkout.
+a shared helper would cost a function call on every checkout.  What they may
+use of their pool is :class:`LendingPool`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Optional, Tuple, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Deque, Generic, Optional, Protocol, Tuple, Type, TypeVar, Union
 
 import gevent.hub
 
 from geventconnpool.errors import PoolError
-
-if TYPE_CHECKING:
-    from geventconnpool.pool import ConnectionPool
 
 C = TypeVar("C")
 
@@ -57,6 +56,25 @@ def exited_twice() -> RuntimeError:
     )
 
 
+class LendingPool(Protocol[C]):
+    """What an entry and its waiters use of their pool: the private contract of this module.
+
+    :class:`~geventconnpool.ConnectionPool` keeps it, and so does the
+    :class:`Orphanage` that takes a parent's entries in a forked child.
+    """
+
+    _exc_classes: Tuple[Type[BaseException], ...]
+    _waiters: Deque[Waiter]  # first come, first served
+    _idle: Deque[Entry[C]]  # most recently returned on the right
+    _closed: bool
+
+    def _release(self, entry: Entry[C]) -> None:
+        """Take back a held entry: lend it to the first waiter, keep it idle, or close it."""
+
+    def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
+        """Take back a held entry that broke: close it and open a replacement."""
+
+
 class Entry(Generic[C]):
     """One open connection and what the pool knows of it.
 
@@ -78,7 +96,7 @@ class Entry(Generic[C]):
         "stale",
     )
 
-    def __init__(self, conn: C, pool: ConnectionPool[C], expires_at: float) -> None:
+    def __init__(self, conn: C, pool: LendingPool[C], expires_at: float) -> None:
         self.conn = conn
         self.pool = pool
         self.expires_at = expires_at
@@ -213,15 +231,16 @@ class Orphanage:
     nor closed (closing could send a goodbye on the parent's connection).
     """
 
-    _exc_classes = (BaseException,)
-    _waiters = ()
+    _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)
+    _waiters: Deque[Waiter] = deque()  # never has any: nobody waits for an orphan
+    _idle: Deque[Entry[Any]] = deque()  # never has any: an orphan is never lent again
     _closed = True
 
-    def _release(self, entry: object) -> None:
+    def _release(self, entry: Entry[Any]) -> None:
         pass
 
-    def _discard(self, entry: object, error: object) -> None:
+    def _discard(self, entry: Entry[Any], error: Optional[BaseException]) -> None:
         pass
 
 
-ORPHANAGE = Orphanage()
+ORPHANAGE: LendingPool[Any] = Orphanage()

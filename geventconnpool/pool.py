@@ -1,33 +1,89 @@
-"""The :class:`ConnectionPool`: a fixed number of open connections, lent to greenlets."""
+"""The :class:`ConnectionPool`: a fixed number of open connections, lent to greenlets.
+
+Theory of operation
+-------------------
+State.  Each open connection is an :class:`~geventconnpool._lease.Entry`, in
+``_entries``.  An entry is *idle* when it is in ``_idle`` too (a deque: given
+back on the right, lent from the right, so the most recently used connection
+is lent first; the least used ones stay idle at the left, where keepalive
+pings and lifetimes find them, and a burst's extra connections are not kept
+warm for nothing).  Otherwise it is *in use*: held by a caller, or by a
+keepalive check (also in ``_checking``).  ``_connecting`` counts the slots
+opening a connection (each runs a connect greenlet; see ``_connecting.py``).
+Callers that found nothing idle wait in ``_waiters``, first come, first
+served.  The invariant, while the pool is open: every one of the ``size``
+slots is exactly one of idle, in use or connecting, so
+``len(_entries) + _connecting == size``.  Only ``_open_slot`` (+1
+connecting), ``_add`` (connecting -> idle or lent), ``_close_and_replace``
+(in use -> connecting), :meth:`close` (everything -> nothing) and the fork
+hooks (everything -> connecting) change those counts; lending and giving
+back only move an entry in or out of ``_idle``.  An entry is handed to a
+waiter directly, never through ``_idle``: a non-empty ``_idle`` means that
+nobody waits, which is what lets ``get()`` take the fast path.
+
+Entries.  The entry is also the context manager that ``get()`` returns, so
+a checkout allocates nothing.  Its ``__exit__`` is the return half of the
+hot path; there is one entry class per set of options (plain,
+``leak_warning`` only, timed), so that each pool pays only for the
+bookkeeping its options need.
+
+Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
+``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
+reference: a *connect* greenlet per slot being opened (``_connecting.py``);
+one *maintenance* greenlet when a timed option is set, with the *keepalive*
+checks and the *recycle* closes it starts (``_maintenance.py``).
+
+Threads.  A pool belongs to the gevent hub of the thread that made it; that
+thread holds ``_owner`` (a real lock) for the pool's life, and every entry
+point asks ``_owner._is_owned()``, which other threads fail.
+
+Fork.  In a child, the at-fork hook moves every entry to the orphanage
+(never reused nor closed there: the parent still uses those connections),
+empties the pool and kills the greenlets it inherited; the child's first
+call on the slow path restarts it.  The fast path needs no fork check: the
+hook leaves ``_idle`` empty, so the child's first ``get()`` takes the slow path.
+"""
 
 from __future__ import annotations
 
 import copy
-import dis
 import logging
 import math
 import os
 import random
 import sys
 import time
-import traceback
 import weakref
 from collections import deque
-from dataclasses import dataclass
-from types import CodeType, FrameType
-from typing import Any, Callable, ContextManager, Deque, Dict, Generic, Optional, Set, Tuple, Type, TypeVar
+from types import FrameType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ContextManager,
+    Deque,
+    Generic,
+    Optional,
+    Set,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import GreenletExit
 
-from geventconnpool._background import close_recycled, connect_loop, keepalive_check, maintenance_loop
+from geventconnpool import _arguments
+from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
-from geventconnpool._lease import LENT, ORPHANAGE, Entry, TimedEntry, Waiter, WatchedEntry
+from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
+from geventconnpool._lease import LENT, ORPHANAGE, Entry, LendingPool, TimedEntry, Waiter, WatchedEntry
+from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._outage import OutageLog
+from geventconnpool._stats import PoolStats
 from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
-from geventconnpool.retry import ExcClasses, exception_classes
 
 __all__ = ["ConnectionPool", "PoolStats"]
 
@@ -42,51 +98,10 @@ C = TypeVar("C")
 # at a third of the cost of comparing _thread.get_ident() on every checkout.
 _ThreadLock: Callable[[], Any] = get_original("_thread", "RLock")
 _now = time.monotonic
-# Each connection's lifetime is drawn between this fraction of max_lifetime
-# and all of it, so that connections opened together do not expire together.
-_SHORTEST_LIFETIME = 0.9
 _pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
 # What interrupts a caller rather than reports a failure: the caller's own
 # gevent.Timeout, a kill, Ctrl-C, sys.exit().
 _STOP_NOW = (gevent.Timeout, GreenletExit, KeyboardInterrupt, SystemExit)
-# How long after a slot's next attempt begins a caller given retry_after wakes:
-# a few loop turns, for the caller to find the attempt under way, not due.
-_AFTER_THE_SLOT = 0.005
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
-
-    While the pool is open, ``idle + in_use + connecting == size``.
-    """
-
-    __module__ = "geventconnpool"
-
-    size: int
-    """How many connections the pool keeps."""
-    idle: int
-    """Open connections ready to be lent."""
-    in_use: int
-    """Connections held by callers, or by a keepalive or ``check_after`` check."""
-    connecting: int
-    """Connections being opened, or waiting to retry after a failed attempt."""
-    waiting: int
-    """Callers blocked in :meth:`ConnectionPool.get`."""
-    checkouts: int
-    """Connections lent since the pool was made."""
-    opened: int
-    """Connections opened since the pool was made."""
-    failed_connects: int
-    """Failed calls of ``_new_connection`` (errors, ``None``, ``connect_timeout``)."""
-    discarded: int
-    """Connections closed because they broke (in a caller's block or in a check)."""
-    recycled: int
-    """Connections closed because they reached ``max_lifetime``."""
-    keepalive_failures: int
-    """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
-    timeouts: int
-    """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
 
 
 class ConnectionPool(Generic[C]):
@@ -125,12 +140,16 @@ class ConnectionPool(Generic[C]):
         need is not overridden.
     :raises ValueError: a number is out of range.
 
+    ``timeout``, ``connect_timeout`` and ``fail_fast`` may be changed on a
+    running pool, and take effect at once; the other options are read-only.
+
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     """
 
-    #: Seconds before the first new attempt after a failed connect; it doubles
-    #: after each failure of the same slot, up to :attr:`RECONNECT_MAX_DELAY`.
+    #: Seconds before the first new attempt after a failed connect; each
+    #: failure of the same slot multiplies it by :attr:`RECONNECT_FACTOR`, up
+    #: to :attr:`RECONNECT_MAX_DELAY`.
     RECONNECT_DELAY = 0.1
     #: The longest wait between two attempts to open a connection, in seconds.
     RECONNECT_MAX_DELAY = 10.0
@@ -148,23 +167,16 @@ class ConnectionPool(Generic[C]):
     __slots__ = (
         "__dict__",
         "__weakref__",
+        "_check_after",
         "_checkouts",
         "_closed",
         "_exc_classes",
         "_idle",
+        "_leak_warning",
         "_owner",
         "_plain_checkout",
         "_waiters",
-        "check_after",
-        "leak_warning",
     )
-
-    # The pool's invariant: while it is open, every one of the `size` slots is
-    # exactly one of idle (its entry is in `_idle`), in use (its entry is in
-    # `_entries` but not in `_idle`: held by a caller or a check) or connecting
-    # (counted by `_connecting`).  So len(_entries) + _connecting == size, and
-    # a checkout only moves an entry out of `_idle`.  Only `_open_slot`, `_add`
-    # and `_forget` change the other two.
 
     def __init__(
         self,
@@ -180,20 +192,16 @@ class ConnectionPool(Generic[C]):
         fail_fast: bool = False,
         name: Optional[str] = None,
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"size must be an int, not {size!r}")
-        if size < 1:
-            raise ValueError(f"size must be >= 1, not {size!r}")
-        self._exc_classes = exception_classes(exc_classes, "exc_classes")
+        self._size = _arguments.whole_number(size, "size", minimum=1)
+        self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
         self._check_failures: Tuple[Type[BaseException], ...] = (*self._exc_classes, TimeoutError)
-        self.keepalive = _seconds(keepalive, "keepalive")
-        self.timeout = _seconds(timeout, "timeout")
-        self.connect_timeout = _seconds(connect_timeout, "connect_timeout")
-        self.max_lifetime = _seconds(max_lifetime, "max_lifetime")
-        self.check_after = _seconds(check_after, "check_after")
-        self.leak_warning = _seconds(leak_warning, "leak_warning")
-        if not isinstance(fail_fast, bool):
-            raise TypeError(f"fail_fast must be a bool, not {fail_fast!r}")
+        self._keepalive_every = _arguments.seconds(keepalive, "keepalive")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._max_lifetime = _arguments.seconds(max_lifetime, "max_lifetime")
+        self._check_after = _arguments.seconds(check_after, "check_after")
+        self._leak_warning = _arguments.seconds(leak_warning, "leak_warning")
+        self.fail_fast = fail_fast
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
@@ -203,43 +211,43 @@ class ConnectionPool(Generic[C]):
         if needs_check and cls._keepalive is ConnectionPool._keepalive:
             raise TypeError(f"{cls.__name__} must override _keepalive() to use {needs_check[0]}=")
         ConnectionPool._counter += 1
-        self.size = size
-        self.fail_fast = fail_fast
-        self.name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
+        self._name = name if name is not None else f"{cls.__name__}-{ConnectionPool._counter}"
 
-        self._idle: Deque[Entry[C]] = deque()  # most recently returned on the right
-        self._waiters: Deque[Waiter] = deque()  # first come, first served
+        # The state (see the theory of operation at the top of this module).
+        self._idle: Deque[Entry[C]] = deque()
+        self._entries: Set[Entry[C]] = set()
         self._connecting = 0
-        self._closed = False
-        self._generation = 0  # bumped in a child process after fork()
-        self._owner = _ThreadLock()
-        self._owner.acquire()  # never released: it marks the pool's thread
-        self._forked = False  # set by the at-fork hook in a child process
-        self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
-        self._entries: Set[Entry[C]] = set()  # every open connection, idle or in use
+        self._waiters: Deque[Waiter] = deque()  # a deque, not a heap: first come, first served
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
+        self._closed = False
+        self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
+        # Connecting: the slots, and what they report of the remote end.
+        self._slots: Set[Slot] = set()
         self._last_error: Optional[BaseException] = None
         self._outage = OutageLog()
-        # Per connecting slot (its greenlet): when it tries next if it sleeps
-        # after a failure (else None), and the wait that follows its next failure.
-        self._next_attempts: Dict[Any, Tuple[Optional[float], Optional[float]]] = {}
-        self._reconnected = Event()
+        self._reconnected = Event()  # set, and replaced, when a streak of failures ends
+        # Threads and fork.
+        self._owner = _ThreadLock()
+        self._owner.acquire()  # never released: it marks the pool's thread
         self._loop = gevent.get_hub().loop
+        self._generation = 0  # bumped in a child process after fork()
+        self._forked = False  # set by the at-fork hook in a child process
         self._reset_counters()
+        # What the options cost: only check_after and leak_warning do anything
+        # when a connection is lent; only keepalive, max_lifetime and
+        # check_after read the clock when one comes back.
         self._maintained = any(
             value is not None
             for value in (self.keepalive, self.max_lifetime, self.check_after, self.leak_warning)
         )
-        # Only check_after and leak_warning do anything when a connection is lent.
         self._plain_checkout = self.check_after is None and self.leak_warning is None
-        # Only keepalive, max_lifetime and check_after read the clock when a connection comes back.
         self._timed = any(
             value is not None for value in (self.keepalive, self.max_lifetime, self.check_after)
         )
         if self._timed:
             self._entry_class: Type[Entry[C]] = TimedEntry
-        elif self.leak_warning is not None:
+        elif self._leak_warning is not None:
             self._entry_class = WatchedEntry
         else:
             self._entry_class = Entry
@@ -251,10 +259,15 @@ class ConnectionPool(Generic[C]):
     def _new_connection(self) -> C:
         """Open, initialise and return a new connection; override it.
 
-        It runs in a background greenlet, under ``connect_timeout``.  Any
-        :exc:`Exception`, or a ``None`` result, is a failed attempt: the pool
-        tries again later, with exponential backoff.  The result is a black
-        box to the pool: a socket, an SSL socket, an IMAP client, a table...
+        It runs in a background greenlet, under ``connect_timeout``.  Whatever
+        it raises (any :exc:`BaseException`), and a ``None`` result, is a
+        failed attempt: the pool tries again later, with exponential backoff.
+        The result is a black box to the pool: a socket, an SSL socket, an
+        IMAP client, a table...
+
+        .. versionchanged:: 1.1
+           A :exc:`BaseException` that is no :exc:`Exception` is a failed
+           attempt too.
         """
         raise NotImplementedError
 
@@ -305,7 +318,7 @@ class ConnectionPool(Generic[C]):
            Added ``timeout``; waiters are served first come, first served.
         """
         if timeout is not None:
-            _seconds(timeout, "timeout", zero=True)
+            _arguments.seconds(timeout, "timeout", zero=True)
         idle = self._idle
         entry = None
         # No clock is read here: the maintenance greenlet recycles idle
@@ -319,14 +332,14 @@ class ConnectionPool(Generic[C]):
                 return entry
             if not entry.stale:
                 self._checkouts += 1
-                if self.leak_warning is not None:
+                if self._leak_warning is not None:
                     entry.lent_at = _now()
                     entry.lent_from = caller = sys._getframe(1)
                     entry.lent_lasti = caller.f_lasti
                 return entry
         # The general path: a stale entry to check, or none idle.  Only
         # leak_warning needs the caller's frame, which costs to get.
-        return self._acquire(timeout, sys._getframe(1) if self.leak_warning is not None else None, entry)
+        return self._acquire(timeout, sys._getframe(1) if self._leak_warning is not None else None, entry)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until all ``size`` connections are open.
@@ -337,15 +350,15 @@ class ConnectionPool(Generic[C]):
 
         .. versionadded:: 1.0
         """
-        limit = _seconds(timeout, "timeout", zero=True)
-        self._check_caller()
+        limit = _arguments.seconds(timeout, "timeout", zero=True)
+        self._check_thread_and_fork()
         deadline = math.inf if limit is None else _now() + limit
-        while len(self._entries) < self.size:
+        while len(self._entries) < self._size:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
             remaining = deadline - _now()
             if remaining <= 0:
-                raise self._timeout_error(f"did not open all {self.size} connections within {limit} s")
+                raise self._timeout_error(f"did not open all {self._size} connections within {limit} s")
             gevent.sleep(min(remaining, 0.01))
 
     def close(self) -> None:
@@ -367,14 +380,21 @@ class ConnectionPool(Generic[C]):
         self._idle.clear()
         for entry in idle:
             self._entries.discard(entry)
+        self._slots.clear()
         background = [g for g in self._greenlets if g is not gevent.getcurrent()]
         # Everything is decided; what follows switches greenlets, and may be
         # interrupted (gunicorn's second signal lands here): close regardless.
         try:
-            gevent.killall(background, block=True)
+            # Each background greenlet stops at its next switch; one stuck in
+            # a hook that swallows the kill still ends with connect_timeout.
+            gevent.killall(background, block=True, timeout=self._kill_timeout())  # switches
+            stuck = [g for g in background if not g.dead]
+            if stuck:
+                logger.warning(
+                    "pool %r: closed, but %d background greenlets did not stop", self.name, len(stuck)
+                )
         finally:
             self._connecting = 0
-            self._next_attempts.clear()
             # A keepalive check or a background close killed before it started
             # never gave its connection back, nor closed it.
             unfinished = list(self._checking) + list(self._closing)
@@ -383,20 +403,7 @@ class ConnectionPool(Generic[C]):
             for entry in unfinished:
                 self._entries.discard(entry)
             for entry in idle + unfinished:
-                self._close_quietly(entry.conn)
-
-    @property
-    def exc_classes(self) -> Tuple[Type[BaseException], ...]:
-        """The exception classes that mark a connection as broken, as a tuple."""
-        return self._exc_classes
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called.
-
-        .. versionadded:: 1.0
-        """
-        return self._closed
+                self._close_quietly(entry.conn)  # switches
 
     def stats(self) -> PoolStats:
         """Return a :class:`PoolStats` snapshot of the gauges and counters.
@@ -404,7 +411,7 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.0
         """
         return PoolStats(
-            size=self.size,
+            size=self._size,
             idle=len(self._idle),
             in_use=len(self._entries) - len(self._idle),
             connecting=self._connecting,
@@ -417,6 +424,90 @@ class ConnectionPool(Generic[C]):
             keepalive_failures=self._keepalive_failures,
             timeouts=self._timeouts,
         )
+
+    # -- options: read-only, or live ------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """How many connections the pool keeps open; read-only."""
+        return self._size
+
+    @property
+    def name(self) -> str:
+        """The pool's name in logs, errors and ``repr``; read-only."""
+        return self._name
+
+    @property
+    def exc_classes(self) -> Tuple[Type[BaseException], ...]:
+        """The exception classes that mark a connection as broken, as a tuple; read-only."""
+        return self._exc_classes
+
+    @property
+    def keepalive(self) -> Optional[float]:
+        """Seconds of idleness after which a connection is pinged, or None; read-only."""
+        return self._keepalive_every
+
+    @property
+    def max_lifetime(self) -> Optional[float]:
+        """The longest lifetime of a connection in seconds, or None; read-only."""
+        return self._max_lifetime
+
+    @property
+    def check_after(self) -> Optional[float]:
+        """Seconds of idleness after which get() checks a connection before lending it, or None; read-only."""
+        return self._check_after
+
+    @property
+    def leak_warning(self) -> Optional[float]:
+        """Seconds a connection may be held before a leak warning, or None; read-only."""
+        return self._leak_warning
+
+    @property
+    def timeout(self) -> Optional[float]:
+        """Seconds :meth:`get` waits by default, or None for ever; a new value applies to the next call.
+
+        .. versionchanged:: 1.1
+           Checked when set, like the constructor's argument.
+        """
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: Optional[float]) -> None:
+        self._timeout = _arguments.seconds(value, "timeout")
+
+    @property
+    def connect_timeout(self) -> Optional[float]:
+        """Seconds allowed to each hook call, or None; a new value applies to the next call.
+
+        .. versionchanged:: 1.1
+           Checked when set, like the constructor's argument.
+        """
+        return self._connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, value: Optional[float]) -> None:
+        self._connect_timeout = _arguments.seconds(value, "connect_timeout")
+
+    @property
+    def fail_fast(self) -> bool:
+        """Whether :meth:`get` raises at once while the remote end is down; a new value applies at once.
+
+        .. versionchanged:: 1.1
+           Checked when set, like the constructor's argument.
+        """
+        return self._fail_fast
+
+    @fail_fast.setter
+    def fail_fast(self, value: bool) -> None:
+        self._fail_fast = _arguments.flag(value, "fail_fast")
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called.
+
+        .. versionadded:: 1.0
+        """
+        return self._closed
 
     def __enter__(self: _P) -> _P:
         return self
@@ -431,9 +522,10 @@ class ConnectionPool(Generic[C]):
             f" idle={s.idle} in_use={s.in_use} connecting={s.connecting} waiting={s.waiting}>"
         )
 
-    # -- lending ------------------------------------------------------------------
+    # -- lending: the general path ------------------------------------------------
 
-    def _check_caller(self) -> None:
+    def _check_thread_and_fork(self) -> None:
+        """Raise if called from another thread than the pool's; in a forked child, start the pool anew."""
         if not self._owner._is_owned():
             raise RuntimeError(
                 f"pool {self.name!r} belongs to the gevent hub of the thread that made it; "
@@ -450,7 +542,7 @@ class ConnectionPool(Generic[C]):
         ``entry`` is an idle entry that :meth:`get` already took, if any.
         """
         if entry is None:
-            self._check_caller()
+            self._check_thread_and_fork()
         limit = self.timeout if timeout is None else timeout
         deadline = math.inf if limit is None else _now() + limit
         while True:
@@ -474,7 +566,7 @@ class ConnectionPool(Generic[C]):
                 self._recycle(entry)  # switches
                 entry = None
                 continue
-            if self.check_after is not None and now - entry.idle_since >= self.check_after:
+            if self._check_after is not None and now - entry.idle_since >= self._check_after:
                 # The check may not outlast the caller's deadline, nor may a
                 # run of failed checks (a black-holed remote) go on past it.
                 budget = deadline - now
@@ -547,25 +639,8 @@ class ConnectionPool(Generic[C]):
         return error
 
     def _retry_after(self) -> float:
-        """Seconds until the pool's next attempt to open a connection, at the soonest.
-
-        A slot sleeping after a failure tries again when its sleep ends; a
-        slot trying now, or due to (a caller woken by the same tick may run
-        first), tries again, if this attempt fails, no sooner than its next
-        wait (a caller told 0 here would spin until the attempt fails).  The
-        caller is told a few milliseconds more, so that it wakes once that
-        attempt is under way and calls once per attempt.
-        Times are the event loop's, which the slots' sleeps and the caller's
-        ``gevent.sleep`` also use.
-        """
-        now = self._loop.now()
-        soonest = math.inf
-        for sleeps_until, next_wait in self._next_attempts.values():
-            if sleeps_until is not None and sleeps_until > now:
-                soonest = min(soonest, sleeps_until - now + _AFTER_THE_SLOT)
-            elif next_wait is not None:
-                soonest = min(soonest, next_wait + _AFTER_THE_SLOT)
-        return soonest if soonest != math.inf else 0.0
+        """Seconds until the pool's next attempt to open a connection (see ``_connecting.retry_after``)."""
+        return retry_after(self._slots, self._loop.now())
 
     def _unavailable(self) -> bool:
         """Whether no connection is open and the latest attempt to open one failed."""
@@ -642,7 +717,7 @@ class ConnectionPool(Generic[C]):
         if entry.pool is not self:
             return  # opened by the parent process before fork(): never used here
         if self._closed:
-            self._forget(entry)
+            self._close_and_replace(entry)
             return
         if self._timed:
             now = _now()
@@ -681,15 +756,15 @@ class ConnectionPool(Generic[C]):
                 )
             else:
                 logger.warning("pool %r: discarding a connection: %s raised %r", self.name, found_by, error)
-        self._forget(entry)
+        self._close_and_replace(entry)
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None:
         """A held entry reached its lifetime: count it, close it and open its replacement."""
         self._recycled += 1
         logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
-        self._forget(entry, in_background)
+        self._close_and_replace(entry, in_background)
 
-    def _forget(self, entry: Entry[C], in_background: bool = False) -> None:
+    def _close_and_replace(self, entry: Entry[C], in_background: bool = False) -> None:
         """Close a held entry and, unless the pool is closed, start opening its replacement.
 
         ``in_background`` closes it in a greenlet of its own, for the
@@ -734,7 +809,7 @@ class ConnectionPool(Generic[C]):
         lifetime = (
             math.inf
             if self.max_lifetime is None
-            else self.max_lifetime * random.uniform(_SHORTEST_LIFETIME, 1.0)
+            else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
         entry = self._entry_class(conn, self, _now() + lifetime)
         self._connecting -= 1
@@ -752,7 +827,7 @@ class ConnectionPool(Generic[C]):
     # -- background work ------------------------------------------------------
 
     def _start(self) -> None:
-        for _ in range(self.size):
+        for _ in range(self._size):
             self._open_slot()
         if self._maintained:
             self._spawn("maintenance", maintenance_loop, self._generation)
@@ -761,7 +836,7 @@ class ConnectionPool(Generic[C]):
         greenlet = gevent.spawn(loop, weakref.ref(self), *args)
         greenlet.name = f"geventconnpool {self.name} {what}"
         self._greenlets.add(greenlet)
-        greenlet.link(self._greenlets.discard)
+        greenlet.rawlink(self._greenlets.discard)  # called by the hub itself: no greenlet per callback
 
     def _reconnect_wait(self, attempt: int) -> float:
         """The seconds a slot waits after its ``attempt``-th failed connect in a row."""
@@ -773,116 +848,10 @@ class ConnectionPool(Generic[C]):
             jitter=self.RECONNECT_JITTER,
         )
 
-    def _connect_once(self, attempt: int) -> Optional[float]:
-        """Try once to open a connection for the current slot (the calling greenlet).
-
-        Return the seconds to wait before the next try, or None when the slot is done.
-        """
-        slot = gevent.getcurrent()
-        # The wait after a failure is drawn one attempt ahead, so that
-        # _retry_after() knows it while this attempt is under way.
-        next_wait = self._next_attempts.get(slot, (None, None))[1]
-        if next_wait is None:
-            next_wait = self._reconnect_wait(attempt)
-        self._next_attempts[slot] = (None, next_wait)
-        error: BaseException = TypeError("_new_connection() returned None")
-        try:
-            conn = self._bounded(self.connect_timeout, "_new_connection()", self._new_connection)  # switches
-        except BaseException as exc:  # whatever it is, the attempt failed, unless the pool stops us
-            if self._stopping():
-                raise
-            conn, error = None, exc
-        if slot not in self._greenlets:
-            return None  # the process forked meanwhile: the connection is the parent's
-        if self._closed:  # close() was called from _new_connection() itself
-            if conn is not None:
-                self._close_quietly(conn)
-            return None
-        if conn is not None:
-            del self._next_attempts[slot]
-            self._add(conn)
-            recovered = self._outage.succeeded(_now())
-            if recovered is not None:
-                logger.info("pool %r: %s", self.name, recovered)
-                self._last_error = None
-                self._reconnected.set()
-                self._reconnected = Event()
-            return None
-        self._failed_connects += 1
-        self._last_error = error
-        # The slot sleeps next_wait on the loop's clock, from this very tick.
-        self._next_attempts[slot] = (self._loop.now() + next_wait, self._reconnect_wait(attempt + 1))
-        warning = self._outage.failed(error, _now())
-        if warning is not None:
-            logger.warning("pool %r: %s", self.name, warning)
-        else:
-            logger.debug("pool %r: failed to open a connection, retrying: %r", self.name, error)
-        if self.fail_fast and self._unavailable():
-            unavailable = self._unavailable_error()
-            while self._waiters:
-                self._waiters.popleft().serve(unavailable)
-        return next_wait
-
-    def _maintain(self) -> float:
-        """Recycle, ping, mark and watch connections; return the seconds until there is work again.
-
-        It does no I/O (closes and pings run in greenlets of their own), so
-        that get(), which reads no clock, can trust what it leaves in ``_idle``.
-        """
-        now = _now()
-        # A connection opened or returned while this greenlet sleeps is due no
-        # earlier than one period from now; the lifetimes of those already
-        # open, held ones included, set their own wake-ups below.
-        lifetime = None if self.max_lifetime is None else self.max_lifetime * _SHORTEST_LIFETIME
-        periods = (self.keepalive, lifetime, self.check_after, self.leak_warning)
-        wake_at = now + min(p for p in periods if p is not None)
-        expired = [e for e in self._idle if e.expires_at <= now]
-        for entry in expired:
-            self._idle.remove(entry)
-            self._recycle(entry, in_background=True)
-        if self.max_lifetime is not None:
-            # A held connection that expires is recycled when it comes back.
-            wake_at = min([wake_at] + [e.expires_at for e in self._entries if e.expires_at > now])
-        if self.keepalive is not None:
-            while self._idle and now - self._idle[0].idle_since >= self.keepalive:
-                entry = self._idle.popleft()
-                self._checking.add(entry)
-                self._spawn("keepalive", keepalive_check, entry)
-            if self._idle:
-                wake_at = min(wake_at, self._idle[0].idle_since + self.keepalive)
-        if self.check_after is not None:
-            for entry in self._idle:  # the longest idle first
-                if now - entry.idle_since < self.check_after:
-                    wake_at = min(wake_at, entry.idle_since + self.check_after)
-                    break
-                entry.stale = True  # get() checks it before lending it
-        if self.leak_warning is not None:
-            for entry in list(self._entries):
-                if entry.lent_from is None:
-                    continue
-                if now - entry.lent_at >= self.leak_warning:
-                    self._warn_leak(entry, now)
-                else:
-                    wake_at = min(wake_at, entry.lent_at + self.leak_warning)
-        return max(wake_at - _now(), 0.001)
-
-    def _warn_leak(self, entry: Entry[C], now: float) -> None:
-        frame = entry.lent_from
-        assert frame is not None
-        entry.lent_from = None  # one warning per loan
-        stack = traceback.StackSummary.extract(traceback.walk_stack(frame))
-        stack.reverse()
-        if stack:  # the caller has moved on since: show the line of its get() call
-            last = stack[-1]
-            line = _line_at(frame.f_code, entry.lent_lasti)
-            stack[-1] = traceback.FrameSummary(last.filename, line, last.name)
-        logger.warning(
-            "pool %r: a connection has been held for %.1f s (leak_warning=%s); it was taken at:\n%s",
-            self.name,
-            now - entry.lent_at,
-            self.leak_warning,
-            "".join(stack.format()).rstrip(),
-        )
+    def _kill_timeout(self) -> Optional[float]:
+        """How long close() waits for background greenlets to end: a hook swallowing the kill
+        still ends with connect_timeout."""
+        return None if self.connect_timeout is None else self.connect_timeout + 1.0
 
     def _reset_counters(self) -> None:
         self._checkouts = self._opened = self._failed_connects = self._discarded = 0
@@ -892,13 +861,13 @@ class ConnectionPool(Generic[C]):
         """In a child process: forget the parent's connections, without closing them."""
         self._generation += 1
         for entry in self._entries:
-            entry.pool = ORPHANAGE  # type: ignore[assignment]
+            entry.pool = ORPHANAGE
         self._idle.clear()
         self._entries.clear()
         self._checking.clear()
         self._closing.clear()  # the parent closes those
-        self._next_attempts.clear()
-        self._connecting = self.size  # reopened by the child's first call
+        self._slots.clear()
+        self._connecting = self._size  # reopened by the child's first call
         self._forked = True
         # The parent's greenlets were copied into this process: one may be in
         # the middle of an exchange on the parent's socket.  Kill them before
@@ -913,7 +882,6 @@ class ConnectionPool(Generic[C]):
         self._reset_counters()
         self._last_error = None
         self._outage = OutageLog()
-        self._next_attempts.clear()
         self._reconnected = Event()
         self._connecting = 0
         if not self._closed:
@@ -923,32 +891,6 @@ class ConnectionPool(Generic[C]):
 _P = TypeVar("_P", bound=ConnectionPool[Any])
 
 
-def _seconds(value: object, argument: str, zero: bool = False) -> Optional[float]:
-    """Check a duration argument: None or a positive number (or zero, where allowed)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{argument} must be a number of seconds or None, not {value!r}")
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{argument} must be {'>= 0' if zero else '> 0'} seconds or None, not {value!r}")
-    return float(value)
-
-
-def _line_at(code: CodeType, lasti: int) -> int:
-    """The source line of the instruction at offset ``lasti`` of ``code``.
-
-    get() saves ``f_lasti`` rather than ``f_lineno``, which decodes the line
-    table on every call and would cost more than the whole checkout.
-    """
-    line = code.co_firstlineno
-    for offset, start in dis.findlinestarts(code):
-        if offset > lasti:
-            break
-        if start is not None:
-            line = start
-    return line
-
-
 def _after_fork_in_child() -> None:
     for pool in list(_pools):
         pool._drop_after_fork()
@@ -956,3 +898,12 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+if TYPE_CHECKING:
+
+    def _keeps_its_contracts(
+        pool: ConnectionPool[Any],
+    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any]]:
+        """Never called: the type checker proves that the pool is what each private module expects."""
+        return pool, pool, pool

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, Type, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, overload
 
 import gevent
 from greenlet import GreenletExit
 
+from geventconnpool._arguments import ExcClasses, exception_classes, number, seconds, whole_number
 from geventconnpool._backoff import backoff_delay
 from geventconnpool.errors import PoolTimeout, PoolUnavailable
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["retry"]
 
 R = TypeVar("R")
-ExcClasses = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
 
 RETRY_LOG_MESSAGE = "Connection broken in '{f}' (error: '{e}'); retrying with new connection."
 MAX_FAILURE_LOG_MESSAGE = "Max retries reached for '{f}' (error: '{e}'). Aborting."
@@ -34,31 +33,6 @@ _WAITS_FOR_THE_POOL = (PoolTimeout, PoolUnavailable)
 # would defeat a timeout, a kill() or Ctrl-C.
 _NEVER_RETRIED = (gevent.Timeout, GreenletExit, KeyboardInterrupt, SystemExit)
 _MESSAGE_FIELDS = {"f": "function", "e": OSError("error"), "attempt": 1, "wait": 0.5}
-
-
-def exception_classes(value: object, argument: str) -> Tuple[Type[BaseException], ...]:
-    """Return ``value`` as a tuple of exception classes, or raise :exc:`TypeError` naming ``argument``.
-
-    ``value`` is one exception class, or a tuple, list or set of them.
-    """
-    items = tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
-    classes = []
-    for item in items:
-        if not (isinstance(item, type) and issubclass(item, BaseException)):
-            raise TypeError(f"{argument} must be an exception class or a tuple of them, not {value!r}")
-        classes.append(item)
-    return tuple(classes)
-
-
-def _seconds(value: object, argument: str, *, optional: bool, allow_zero: bool) -> Optional[float]:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise TypeError(f"{argument} must be a number of seconds, not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{argument} must be {bound}, not {value!r}")
-    return float(value)
 
 
 def _template(value: object, argument: str) -> str:
@@ -207,19 +181,12 @@ def retry(
         raise TypeError(f"retry() needs a callable, not {f!r}")
     retried = exception_classes(exc_classes, "exc_classes")
     if max_failures is not None:
-        if isinstance(max_failures, bool) or not isinstance(max_failures, int):
-            raise TypeError(f"max_failures must be an int or None, not {max_failures!r}")
-        if max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, not {max_failures!r}")
-    first_wait = _seconds(interval, "interval", optional=False, allow_zero=True)
-    factor = _seconds(backoff, "backoff", optional=False, allow_zero=False)
-    if factor is not None and factor < 1:
-        raise ValueError(f"backoff must be >= 1, not {backoff!r}")
-    cap = _seconds(max_interval, "max_interval", optional=True, allow_zero=True)
-    spread = _seconds(jitter, "jitter", optional=False, allow_zero=True)
-    if spread is not None and spread > 1:
-        raise ValueError(f"jitter must be between 0 and 1, not {jitter!r}")
-    budget = _seconds(max_time, "max_time", optional=True, allow_zero=False)
+        whole_number(max_failures, "max_failures", minimum=0)
+    first_wait = seconds(interval, "interval", optional=False, zero=True) or 0.0
+    factor = number(backoff, "backoff", minimum=1.0)
+    cap = seconds(max_interval, "max_interval", zero=True)
+    spread = number(jitter, "jitter", minimum=0.0, maximum=1.0)
+    budget = seconds(max_time, "max_time")
     if giveup is not None and not callable(giveup):
         raise TypeError(f"giveup must be a callable or None, not {giveup!r}")
     if not callable(sleep):
@@ -247,13 +214,7 @@ def retry(
                 except retried as error:
                     if isinstance(error, _NEVER_RETRIED):
                         raise
-                    wait = backoff_delay(
-                        attempt,
-                        initial=first_wait or 0.0,
-                        factor=factor or 1.0,
-                        cap=cap,
-                        jitter=spread or 0.0,
-                    )
+                    wait = backoff_delay(attempt, initial=first_wait, factor=factor, cap=cap, jitter=spread)
                     if isinstance(error, _WAITS_FOR_THE_POOL) and error.retry_after is not None:
                         wait = max(wait, error.retry_after)
                     exhausted = max_failures is not None and attempt > max_failures

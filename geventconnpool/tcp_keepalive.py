@@ -6,6 +6,8 @@ import socket
 import sys
 from typing import Dict, Optional, Protocol, Tuple
 
+from geventconnpool._arguments import whole_number
+
 __all__ = ["enable_tcp_keepalive"]
 
 # The largest values Linux accepts (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL,
@@ -37,16 +39,6 @@ def _idle_option() -> Tuple[str, Optional[int]]:
     if option is None and sys.platform == "darwin":
         return "TCP_KEEPALIVE", getattr(socket, "TCP_KEEPALIVE", _TCP_KEEPALIVE_MACOS)
     return "TCP_KEEPIDLE", option
-
-
-def _check(value: object, argument: str, limit: int, unit: str) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int number of {unit} or None, not {value!r}")
-    if not 1 <= value <= limit:
-        raise ValueError(f"{argument} must be between 1 and {limit} {unit}, not {value!r}")
-    return value
 
 
 def enable_tcp_keepalive(
@@ -90,11 +82,15 @@ def enable_tcp_keepalive(
 
     .. versionadded:: 1.0
     """
-    checked = {
-        "idle": _check(idle, "idle", _MAX_SECONDS, "seconds"),
-        "interval": _check(interval, "interval", _MAX_SECONDS, "seconds"),
-        "count": _check(count, "count", _MAX_COUNT, "probes"),
-    }
+    checked: Dict[str, Optional[int]] = {}
+    for argument, value, limit, unit in (
+        ("idle", idle, _MAX_SECONDS, "seconds"),
+        ("interval", interval, _MAX_SECONDS, "seconds"),
+        ("count", count, _MAX_COUNT, "probes"),
+    ):
+        checked[argument] = (
+            None if value is None else whole_number(value, argument, minimum=1, maximum=limit, unit=unit)
+        )
     if not callable(getattr(sock, "setsockopt", None)):
         raise TypeError(f"sock must be a socket, not {sock!r}")
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:

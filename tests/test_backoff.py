@@ -14,21 +14,32 @@ def schedule(attempts, **options):
 
 
 def test_pool_reconnect_constants():
-    """The pool's documented reconnect constants are 0.1 s for the first wait and 10 s for the longest."""
+    """The documented reconnect pace: 0.1 s first, twice as long after each failure, at most 10 s, shortened
+    by up to half at random.
+    """
     assert ConnectionPool.RECONNECT_DELAY == 0.1
     assert ConnectionPool.RECONNECT_MAX_DELAY == 10.0
+    assert ConnectionPool.RECONNECT_FACTOR == 2.0
+    assert ConnectionPool.RECONNECT_JITTER == 0.5
 
 
-def test_pool_schedule_without_jitter():
-    """With the pool's constants and no jitter, the waits double from 0.1 s and stop at 10 s."""
-    waits = schedule(
-        10,
-        initial=ConnectionPool.RECONNECT_DELAY,
-        factor=2.0,
-        cap=ConnectionPool.RECONNECT_MAX_DELAY,
-        jitter=0.0,
-    )
-    assert waits == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
+class ScheduledPool(ConnectionPool):
+    """A pool whose only use here is its reconnect schedule; its connects fail at once."""
+
+    def _new_connection(self):
+        raise ConnectionRefusedError("nobody listens")
+
+
+def test_the_pools_own_schedule_doubles_to_the_cap_with_random_jitter():
+    """The waits the pool itself uses after failures 1..10: each between half and all of 0.1 s doubled per
+    failure and capped at 10 s, and spread at random within that range.
+    """
+    with ScheduledPool(1) as pool:
+        for attempt, full in enumerate([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0], start=1):
+            waits = [pool._reconnect_wait(attempt) for _ in range(200)]
+            low, high = min(waits), max(waits)
+            assert full * 0.5 - 1e-9 <= low and high <= full + 1e-9, (attempt, low, high)
+            assert high - low > full * 0.3, "jitter spreads the waits"
 
 
 def test_no_cap_keeps_growing():

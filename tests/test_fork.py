@@ -228,11 +228,13 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
                     replies.append(talk(c, f"ECHO req {me} {local_port(c)}-{i}"))
                 gevent.sleep(0)
             pool.wait(timeout=5)
+            own = own_ports(pool)  # both of the child's connections, lent or only pinged
             expected = [f"req {me} " for _ in range(50)]
             mixed = [r for r, e in zip(replies, expected) if not r.startswith(e)]
             return {
                 "pid": me,
                 "ports": sorted(ports),
+                "own": sorted(own),
                 "mixed": mixed,
                 "stats": [pool.stats().opened, pool.stats().checkouts],
                 "closes": pool.closes,
@@ -258,8 +260,10 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
         assert report["stats"][0] == 2  # the child opened its own two
         assert report["closes"] == []  # and closed none of the parent's
         # Every command the child sent went over one of the child's connections.
+        own = set(report["own"])
+        assert child_ports <= own and not own & parent_ports
         for kind, _, port in commands_by(server, report["pid"]):
-            assert int(port.split("-")[0]) in child_ports, (kind, port)
+            assert int(port.split("-")[0]) in own, (kind, port)
         # The parent's connections were not disturbed: same ones, still working.
         assert own_ports(pool) == parent_ports
         assert pool.stats().discarded == 0 and pool.stats().keepalive_failures == 0

@@ -1,0 +1,40 @@
+"""The snapshot that :meth:`ConnectionPool.stats` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
+
+    While the pool is open, ``idle + in_use + connecting == size``.
+    """
+
+    __module__ = "geventconnpool"
+
+    size: int
+    """How many connections the pool keeps."""
+    idle: int
+    """Open connections ready to be lent."""
+    in_use: int
+    """Connections held by callers, or by a keepalive or ``check_after`` check."""
+    connecting: int
+    """Connections being opened, or waiting to retry after a failed attempt."""
+    waiting: int
+    """Callers blocked in :meth:`ConnectionPool.get`."""
+    checkouts: int
+    """Connections lent since the pool was made."""
+    opened: int
+    """Connections opened since the pool was made."""
+    failed_connects: int
+    """Failed calls of ``_new_connection`` (errors, ``None``, ``connect_timeout``)."""
+    discarded: int
+    """Connections closed because they broke (in a caller's block or in a check)."""
+    recycled: int
+    """Connections closed because they reached ``max_lifetime``."""
+    keepalive_failures: int
+    """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
+    timeouts: int
+    """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
