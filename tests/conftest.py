@@ -16,6 +16,8 @@ import gc
 import gevent
 import pytest
 from helpers import LineServer, open_fds, pool_greenlets
+from misbehaving_server import MisbehavingServer
+from tls_server import TLSLineServer
 
 PATCHED = bool(os.environ.get("GEVENTCONNPOOL_PATCH_ALL"))
 
@@ -49,15 +51,19 @@ def watchdog(request):
         timer.close()
 
 
-@pytest.fixture
-def line_server():
-    """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
-    server = LineServer()
+def serving(server):
+    """Start an in-process server, yield it to the test, and stop it however the test ends."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def line_server():
+    """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
+    yield from serving(LineServer())
 
 
 @pytest.fixture
@@ -87,3 +93,15 @@ def leak_check():
 
     yield check
     check()
+
+
+@pytest.fixture
+def misbehaving_server():
+    """A line server on a free loopback port that closes (FIN), resets or garbles connections on command."""
+    yield from serving(MisbehavingServer())
+
+
+@pytest.fixture
+def tls_server():
+    """A TLS 1.3 line server on a free loopback port, sending session tickets after each handshake."""
+    yield from serving(TLSLineServer())
