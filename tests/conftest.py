@@ -15,7 +15,12 @@ import gc
 
 import gevent
 import pytest
+from haproxy_server import HAPROXY, HAProxy, haproxy_available
 from helpers import LineServer, open_fds, pool_greenlets
+from misbehaving_server import MisbehavingServer
+from nginx_server import NGINX, Nginx, nginx_available
+from redis_server import REDIS_SERVER, RedisServer, redis_available
+from tls_server import TLSLineServer
 
 PATCHED = bool(os.environ.get("GEVENTCONNPOOL_PATCH_ALL"))
 
@@ -49,15 +54,19 @@ def watchdog(request):
         timer.close()
 
 
-@pytest.fixture
-def line_server():
-    """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
-    server = LineServer()
+def serving(server):
+    """Start an in-process server, yield it to the test, and stop it however the test ends."""
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def line_server():
+    """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
+    yield from serving(LineServer())
 
 
 @pytest.fixture
@@ -87,3 +96,45 @@ def leak_check():
 
     yield check
     check()
+
+
+@pytest.fixture
+def misbehaving_server():
+    """A line server on a free loopback port that closes (FIN), resets or garbles connections on command."""
+    yield from serving(MisbehavingServer())
+
+
+@pytest.fixture
+def tls_server():
+    """A TLS 1.3 line server on a free loopback port, sending session tickets after each handshake."""
+    yield from serving(TLSLineServer())
+
+
+@pytest.fixture
+def nginx():
+    """Debian's nginx serving HTTPS with keep-alive on a free loopback port; skipped where it is missing."""
+    if not nginx_available():
+        pytest.skip(f"{NGINX} is missing: install Debian's nginx (.ci/run does) to run this test")
+    server = Nginx()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def haproxy_redis():
+    """(haproxy, redis): haproxy in TCP mode with ``timeout client 2s`` in front of a real redis-server."""
+    for program, available in ((HAPROXY, haproxy_available()), (REDIS_SERVER, redis_available())):
+        if not available:
+            pytest.skip(f"{program} is missing: install Debian's package (.ci/run does) to run this test")
+    redis = RedisServer()
+    haproxy = HAProxy(redis.address, timeout_client=2.0)
+    try:
+        redis.start()
+        haproxy.start()
+        yield haproxy, redis
+    finally:
+        haproxy.cleanup()
+        redis.cleanup()
