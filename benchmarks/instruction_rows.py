@@ -269,6 +269,11 @@ def make_pool(row: Row, connect: Callable[[], Any]) -> Any:
 
 def measure(row: Row, quick: bool) -> None:
     """Build ``row``, warm it up, then run its low and high loops between marks."""
+    # gevent's hub runs its queued callbacks in batches of 50 and stops to poll for I/O when
+    # a batch ends past the switch interval (5 ms).  Natively a batch takes some 0.1 ms; under
+    # valgrind, 50 times slower, it would stop after nearly every batch, at a cost that varies
+    # with the machine's speed.  A long interval keeps the hub doing what it does natively.
+    sys.setswitchinterval(1000.0)
     keep: List[Any] = []
     run = checkout_loop(row, keep) if row.section == "checkout" else contended_loop(row, keep)
     warm_up, low, high = counts(row.section, quick)
