@@ -50,7 +50,7 @@ VALGRIND_MISSING = (
     " (Debian and Ubuntu: apt-get install valgrind)"
 )
 
-# The targets: (what, the limit).
+# The limits of the instruction targets.
 CONTENDED_OVER_SLEEP = 1.5  # the pool's cost over a bare sleep(0), in sleep(0)s
 CHECKOUT_OFF_X_QUEUE = 2.0  # a checkout with every feature off, in bare Queue get+puts
 CHECKOUT_WATCH_IDLE_X_QUEUE = 2.5  # the same with watch_idle on
