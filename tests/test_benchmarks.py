@@ -1,6 +1,7 @@
-"""Smoke test of the benchmark: ``python benchmarks/run.py --quick`` runs and prints every row.
+"""Smoke tests of the benchmark: ``python benchmarks/run.py --quick`` and ``--instructions --quick``
+run and print every row, and ``--chart`` draws its SVG.
 
-It asserts that the benchmark ran and what it printed, never a speed.
+They assert that the benchmark ran and what it printed, never a speed or a count.
 """
 
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -23,6 +25,7 @@ REFERENCE_ROWS = {
         "geventconnpool max_lifetime=3600",
         "geventconnpool check_after=60",
         "geventconnpool leak_warning=60",
+        "geventconnpool fail_fast=True",
         "bare Queue get+put",
         "with on a ready object",
         "0.2.1 design",
@@ -39,6 +42,30 @@ REFERENCE_ROWS = {
     "Memory": ["geventconnpool", "dedicated connection", "0.2.1 design"],
 }
 PEERS = ["SQLAlchemy", "gsocketpool", "socketpool", "generic-connection-pool"]
+# The rows of --instructions; watch_idle's are "n/a" on a pool without that option, but printed.
+INSTRUCTION_ROWS = {
+    "Instructions per checkout": [
+        "geventconnpool features off",
+        "geventconnpool keepalive=60",
+        "geventconnpool max_lifetime=3600",
+        "geventconnpool check_after=60",
+        "geventconnpool leak_warning=60",
+        "geventconnpool fail_fast=True",
+        "geventconnpool watch_idle on",
+        "bare Queue get+put",
+        "0.2.1 design",
+        "with on a ready object",
+        "the loop alone",
+    ],
+    "Instructions per contended request": [
+        "geventconnpool timeout=30 (default)",
+        "geventconnpool timeout=None",
+        "geventconnpool watch_idle on",
+        "bare Queue as the pool",
+        "0.2.1 design",
+        "sleep(0) alone",
+    ],
+}
 PEER_TABLES = ["Checkout overhead", "Contended", "Recovery", "Memory"]
 
 
@@ -69,32 +96,39 @@ def has_row(rows, name):
     return any(pattern.search(r) for r in rows)
 
 
-@pytest.mark.slow  # a minute of benchmark: run once, by the tox env "soak", not in every env
-@pytest.mark.redis
-@pytest.mark.watchdog(240)
-def test_quick_benchmark_prints_every_row():
-    """`python benchmarks/run.py --quick` exits 0 and prints every scenario's table with all its rows."""
-    if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
+def run_benchmark(args, timeout, needs_redis=True):
+    """Run benchmarks/run.py with ``args`` (outside GEVENTCONNPOOL_PATCH_ALL); its output, or a skip/fail."""
+    if needs_redis and shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server"):
         pytest.skip("redis-server is not installed: the benchmark needs it as the remote end")
     env = {k: v for k, v in os.environ.items() if k != "GEVENTCONNPOOL_PATCH_ALL"}
     try:
         # A blocking call under plain gevent: the watchdog cannot interrupt it, the timeout here does.
         proc = subprocess.run(
-            [sys.executable, str(RUN), "--quick"],
+            [sys.executable, str(RUN), *args],
             cwd=str(REPO),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            timeout=200,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"benchmarks/run.py --quick did not finish within 200 s:\n{e.output}")
+        pytest.fail(f"benchmarks/run.py {' '.join(args)} did not finish within {timeout} s:\n{e.output}")
     output = proc.stdout
-    if proc.returncode != 0 and "could not install gevent and trustme" in output:
-        pytest.skip(f"the benchmark's venv cannot be made here:\n{output[-2000:]}")
+    for cannot in ("could not install gevent and trustme", "could not install matplotlib"):
+        if proc.returncode != 0 and cannot in output:
+            pytest.skip(f"the benchmark's venv cannot be made here:\n{output[-2000:]}")
     assert proc.returncode == 0, output
+    return output
+
+
+@pytest.mark.slow  # a minute of benchmark: run once, by the tox env "soak", not in every env
+@pytest.mark.redis
+@pytest.mark.watchdog(240)
+def test_quick_benchmark_prints_every_row():
+    """`python benchmarks/run.py --quick` exits 0 and prints every scenario's table with all its rows."""
+    output = run_benchmark(["--quick"], timeout=200)
     found = tables(output)
     for prefix, names in REFERENCE_ROWS.items():
         rows = rows_of(found, prefix)
@@ -110,3 +144,38 @@ def test_quick_benchmark_prints_every_row():
     targets = rows_of(found, "Targets")
     assert targets, "the table of targets is empty"
     assert all(re.search(r"\s(met|NOT met)\s", r) for r in targets), "\n".join(targets)
+
+
+@pytest.mark.slow  # a minute or two under valgrind: run by the tox env "soak"
+@pytest.mark.watchdog(480)
+def test_instruction_counts_print_every_row():
+    """`python benchmarks/run.py --instructions --quick` exits 0 and prints every row and target."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (apt-get install valgrind): --instructions runs under it")
+    # No redis-server: the rows lend socket pairs.
+    output = run_benchmark(["--instructions", "--quick"], timeout=450, needs_redis=False)
+    found = tables(output)
+    for prefix, names in INSTRUCTION_ROWS.items():
+        rows = rows_of(found, prefix)
+        for name in names:
+            assert has_row(rows, name), f"{prefix}: no row {name!r} in\n" + "\n".join(rows)
+    targets = rows_of(found, "Instruction targets")
+    assert targets, "the table of instruction targets is empty"
+    assert all(re.search(r"\s(met|NOT met|n/a)\s", r) for r in targets), "\n".join(targets)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.watchdog(360)
+def test_chart_draws_the_contended_percentiles(tmp_path):
+    """`run.py --quick --only contended --chart FILE.svg` writes an SVG whose text names every row."""
+    svg = tmp_path / "contended-latency.svg"
+    output = run_benchmark(["--quick", "--only", "contended", "--chart", str(svg)], timeout=320)
+    assert f"chart of the contended latency percentiles: {svg}" in output
+    root = ElementTree.parse(svg).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    text = [t.strip() for t in root.itertext() if t.strip()]
+    for label in ["p50", "p90", "p99", "p99.9", "200 greenlets", "1,000 greenlets"]:
+        assert label in text, text
+    for name in REFERENCE_ROWS["Contended"]:
+        assert name in text, f"no line for {name!r} in the legend: {text}"
