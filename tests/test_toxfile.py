@@ -38,7 +38,7 @@ def clean_env() -> dict:
 
 
 def pythons_on_this_machine(env: dict) -> Set[str]:
-    """The versions 3.9 to 3.13 a person finds here: ``pyenv versions``, and ``python3.X`` on PATH that runs."""
+    """The versions 3.9 to 3.13 a person finds: ``pyenv versions``, and ``python3.X`` on PATH if it runs."""
     found = set()
     if shutil.which("pyenv", path=env.get("PATH")):
         listed = subprocess.run(["pyenv", "versions", "--bare"], env=env, stdout=subprocess.PIPE, check=True)
