@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import starting_a_program
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
@@ -79,16 +80,17 @@ def test_quick_benchmark_prints_every_row():
     env = {k: v for k, v in os.environ.items() if k != "GEVENTCONNPOOL_PATCH_ALL"}
     try:
         # A blocking call under plain gevent: the watchdog cannot interrupt it, the timeout here does.
-        proc = subprocess.run(
-            [sys.executable, str(RUN), "--quick"],
-            cwd=str(REPO),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=200,
-        )
+        with starting_a_program():
+            proc = subprocess.run(
+                [sys.executable, str(RUN), "--quick"],
+                cwd=str(REPO),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=200,
+            )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"benchmarks/run.py --quick did not finish within 200 s:\n{e.output}")
     output = proc.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from docs_blocks import ROOT, documentation_files, find_blocks, page_options
 from gevent import subprocess
+from helpers import starting_a_program
 
 import geventconnpool
 
@@ -85,15 +86,16 @@ def test_the_runnable_blocks_of_the_file_run(path):
     if not runnable:
         pytest.skip(nothing_to_run(path))
     env = dict(os.environ)
-    result = subprocess.run(
-        [sys.executable, str(RUNNER), str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=180,
-        check=False,
-    )
+    with starting_a_program():
+        result = subprocess.run(
+            [sys.executable, str(RUNNER), str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=180,
+            check=False,
+        )
     output = result.stdout.decode()
     assert result.returncode == 0, output
     assert f"all {len(runnable)} blocks ran" in output, output

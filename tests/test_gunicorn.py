@@ -27,7 +27,7 @@ import gevent
 import gevent.pool
 import pytest
 from gevent import socket, ssl
-from helpers import LinePool, wait_until
+from helpers import LinePool, starting_a_program, wait_until
 
 import geventconnpool
 
@@ -123,7 +123,7 @@ class Gunicorn:
         )
         self.log_path = log_path
         # Output to a file, not a pipe: nothing here has to keep reading it.
-        with open(log_path, "wb") as log:
+        with open(log_path, "wb") as log, starting_a_program():
             self.proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -196,8 +196,6 @@ def start_gunicorn(backend, tmp_path):
 
 def http_get(port: int, path: str) -> Tuple[int, Optional[str], str]:
     """One HTTP/1.1 GET on a gevent socket (cooperative whether or not this process is patched)."""
-    # Not create_connection(): its name lookup would start gevent's thread pool, and a
-    # process with threads warns when it forks gunicorn (Python 3.12+, patched mode).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(15)
         sock.connect(("127.0.0.1", port))
