@@ -8,11 +8,13 @@ examples are run by tests/test_examples.py; anything else carries a
 
 from __future__ import annotations
 
+import ast
 import collections
 import os
 import re
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,52 @@ def test_a_page_with_nothing_to_run_is_skipped_with_its_path_and_what_its_blocks
         assert ROOT / reason.split()[0] == path, reason
         blocks = find_blocks(path)
         assert reason.endswith(" has no code block") if not blocks else f"{len(blocks)} " in reason, reason
+
+
+# The development tools a page may tell readers to run, and the package that installs each one.
+TOOLS = {"tox": "tox", "sphinx-build": "sphinx", "pytest": "pytest", "ruff": "ruff", "mypy": "mypy",
+         "twine": "twine", "build": "build"}  # fmt: skip
+TOOL_COMMAND = re.compile(
+    r"(?:``|^\s*\$ )(?:python3? -m )?(tox|sphinx-build|pytest|ruff|mypy|twine|build)\b", re.M
+)
+
+
+def what_extras_install() -> dict:
+    """Each extra of the installed geventconnpool and the names of the packages it installs."""
+    extras: dict = collections.defaultdict(set)
+    for line in metadata.requires("geventconnpool") or []:
+        found = re.match(r"([\w.-]+).*extra == \"(\w+)\"", line)
+        if found:
+            extras[found.group(2)].add(found.group(1).lower())
+    return extras
+
+
+def installed_by(paragraph: str) -> set:
+    """The packages that the ``pip install`` commands of ``paragraph`` install, extras included."""
+    packages = set()
+    for command in re.findall(r"pip install ([^`\n]+)", paragraph):
+        for word in command.split():
+            extras = re.search(r"\[([\w,]+)\]", word)
+            if extras:
+                packages |= {p for extra in extras.group(1).split(",") for p in what_extras_install()[extra]}
+            elif not word.startswith(("-", "&")):
+                packages.add(word.strip("'\"").lower())
+    return packages
+
+
+def test_each_documented_command_installs_or_names_what_it_runs():
+    """A paragraph or block of the docs that runs tox, pytest, Sphinx, ruff, mypy, build or twine also
+    installs it, or names the pip install (an extra counts) that does."""
+    pages = [*FILES, ROOT / "examples" / "gunicorn_app" / "README.rst", ROOT / "benchmarks" / "README.rst"]
+    texts = {path: path.read_text() for path in pages}
+    texts[ROOT / "docs" / "conf.py"] = ast.get_docstring(ast.parse((ROOT / "docs" / "conf.py").read_text()))
+    missing = []
+    for path, text in texts.items():
+        for paragraph in re.split(r"\n\s*\n|\n(?=\s*[-*] )", text):  # blank lines, or a list's next item
+            for tool in TOOL_COMMAND.findall(paragraph):
+                if TOOLS[tool] not in installed_by(paragraph):
+                    missing.append(f"{path.relative_to(ROOT)}: {tool} in {paragraph.strip()[:70]!r}...")
+    assert not missing, "\n".join(missing)
 
 
 def test_placeholder_pages_and_the_toctree():
