@@ -23,7 +23,11 @@ setup(
     include_package_data=True,
     zip_safe=False,
     python_requires=">=3.9",
-    install_requires=["gevent>=21.1"],
+    install_requires=[
+        "gevent>=21.1; python_version >= '3.10'",
+        # gevent 26 has no wheels for 3.9: without the cap pip would compile its sdist.
+        "gevent>=21.1,<=25.9.1; python_version < '3.10'",
+    ],
     extras_require={
         "test": [
             "pytest>=7",

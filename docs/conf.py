@@ -1,6 +1,7 @@
 """Sphinx configuration for the geventconnpool documentation.
 
-Build it with ``tox -e docs`` or ``sphinx-build -n -W --keep-going -b html docs /tmp/docs_html``.
+Build it with ``python3 -m tox -e docs`` (after ``python3 -m pip install tox``), or with
+``sphinx-build -n -W --keep-going -b html docs /tmp/docs_html`` after ``python3 -m pip install -e '.[docs]'``.
 Nothing is fetched from the network: there is no intersphinx mapping, and the
 few references to other projects' objects are listed in ``nitpick_ignore``.
 """

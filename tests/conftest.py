@@ -12,11 +12,13 @@ if os.environ.get("GEVENTCONNPOOL_PATCH_ALL"):
     monkey.patch_all()
 
 import gc
+import re
+import warnings
 
 import gevent
 import pytest
 from haproxy_server import HAPROXY, HAProxy, haproxy_available
-from helpers import LineServer, open_fds, pool_greenlets
+from helpers import FORK_WARNING, LineServer, open_fds, pool_greenlets
 from misbehaving_server import MisbehavingServer
 from nginx_server import NGINX, Nginx, nginx_available
 from redis_server import REDIS_SERVER, RedisServer, redis_available
@@ -52,6 +54,25 @@ def watchdog(request):
         yield
     finally:
         timer.close()
+
+
+@pytest.fixture(autouse=True)
+def fork_warnings_fail():
+    """Fail a test in which this process forked while it had threads other than gevent's pool workers.
+
+    Python 3.12+ warns then; tests start programs inside helpers.starting_a_program(),
+    which silences the warning only for those workers, so one that gets here
+    means a thread nobody expected.  Other warnings go on to pytest unchanged.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    fork_warnings = [w for w in caught if re.match(FORK_WARNING, str(w.message))]
+    for w in caught:
+        if w not in fork_warnings:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if fork_warnings:
+        w = fork_warnings[0]
+        pytest.fail(f"forked with unknown threads: {w.filename}:{w.lineno}: {w.message}", pytrace=False)
 
 
 def serving(server):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
-from typing import Callable, List, Optional, Set, Tuple
+import warnings
+from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import gevent
 import greenlet
@@ -29,6 +31,45 @@ def wait_until(
             detail = message() if message else getattr(predicate, "__name__", "condition")
             raise AssertionError(f"not true within {timeout} s: {detail}")
         gevent.sleep(interval)
+
+
+# What Python 3.12+ says when a process that has other threads forks.
+FORK_WARNING = (
+    r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks in the child"
+)
+
+
+def only_gevent_pool_threads() -> bool:
+    """Whether each OS thread of this process but the main one is a worker of gevent's thread pool.
+
+    gevent's default resolver runs getaddrinfo() in that pool, so the first
+    name lookup of a test (``create_connection``) starts a worker, which then
+    idles, waiting for work, for the rest of the run.
+    """
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        return False  # no /proc to count them: unknown
+    return threads - 1 <= gevent.get_hub().threadpool.size
+
+
+@contextlib.contextmanager
+def starting_a_program() -> Iterator[None]:
+    """Start a program (a subprocess: fork, then exec) inside this block.
+
+    Python 3.12+ warns when a process with threads forks: the child could
+    block on a lock that another thread held at the time.  The warning is
+    silenced here only when the other threads are gevent's thread-pool
+    workers, because that cannot happen with a child that execs at once: it
+    takes no lock of theirs before it becomes the new program.  With any other
+    thread (one a test forgot to stop, say) the warning stays, and conftest's
+    ``fork_warnings_fail`` fails the test.
+    """
+    known_and_harmless = only_gevent_pool_threads()
+    with warnings.catch_warnings():
+        if known_and_harmless:
+            warnings.filterwarnings("ignore", FORK_WARNING, DeprecationWarning)
+        yield
 
 
 def open_fds() -> Set[str]:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import gevent
 import pytest
 from gevent import socket, subprocess
+from helpers import starting_a_program
 
 from geventconnpool import ConnectionPool
 
@@ -146,30 +147,31 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and return once it answers PING."""
         assert not self.running, "redis-server is already running"
-        self._process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir,
-                "--logfile",
-                "",
-                "--loglevel",
-                "warning",
-                "--protected-mode",
-                "no",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with starting_a_program():
+            self._process = subprocess.Popen(
+                [
+                    REDIS_SERVER,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self._dir,
+                    "--logfile",
+                    "",
+                    "--loglevel",
+                    "warning",
+                    "--protected-mode",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         self.starts += 1
         deadline = time.monotonic() + timeout
         while True:

@@ -13,6 +13,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from helpers import starting_a_program
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
@@ -103,16 +104,17 @@ def run_benchmark(args, timeout, needs_redis=True):
     env = {k: v for k, v in os.environ.items() if k != "GEVENTCONNPOOL_PATCH_ALL"}
     try:
         # A blocking call under plain gevent: the watchdog cannot interrupt it, the timeout here does.
-        proc = subprocess.run(
-            [sys.executable, str(RUN), *args],
-            cwd=str(REPO),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
+        with starting_a_program():
+            proc = subprocess.run(
+                [sys.executable, str(RUN), *args],
+                cwd=str(REPO),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+            )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"benchmarks/run.py {' '.join(args)} did not finish within {timeout} s:\n{e.output}")
     output = proc.stdout

@@ -8,24 +8,23 @@ examples are run by tests/test_examples.py; anything else carries a
 
 from __future__ import annotations
 
+import ast
+import collections
 import os
 import re
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
-from docs_blocks import ROOT, find_blocks, page_options
+from docs_blocks import ROOT, documentation_files, find_blocks, page_options
 from gevent import subprocess
+from helpers import starting_a_program
 
 import geventconnpool
 
-FILES = [
-    ROOT / "README.rst",
-    ROOT / "CHANGES.rst",
-    ROOT / "examples" / "README.rst",
-    *sorted((ROOT / "docs").glob("*.rst")),
-]
+FILES = documentation_files()
 IDS = [str(path.relative_to(ROOT)) for path in FILES]
 RUNNER = Path(__file__).resolve().parent / "docs_runner.py"
 EXAMPLE_TESTS = (Path(__file__).resolve().parent / "test_examples.py").read_text()
@@ -60,38 +59,110 @@ def problems_of(path: Path) -> list:
     return found
 
 
-@pytest.mark.parametrize(
-    "path", [f for f in FILES if f.exists()], ids=[i for i, f in zip(IDS, FILES) if f.exists()]
-)
+def nothing_to_run(path: Path) -> str:
+    """Why the docs runner has nothing of ``path`` to run: the page, by its path, and what its blocks are."""
+    name = path.relative_to(ROOT)
+    blocks = find_blocks(path)
+    if not blocks:
+        return f"{name} has no code block"
+    kinds = collections.Counter(
+        f"marked {block.marker[0]}" if block.marker else f"{block.kind} ({block.language})"
+        for block in blocks
+    )
+    return f"{name} has no unmarked python block to run; its blocks: " + ", ".join(
+        f"{count} {kind}" for kind, count in sorted(kinds.items())
+    )
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_every_block_runs_in_a_test_or_is_marked_not_runnable(path):
     """No code block is left unchecked: each one runs, or carries a marker with a reason."""
     assert problems_of(path) == []
 
 
 @pytest.mark.watchdog(200)
-@pytest.mark.parametrize(
-    "path", [f for f in FILES if f.exists()], ids=[i for i, f in zip(IDS, FILES) if f.exists()]
-)
+@pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_the_runnable_blocks_of_the_file_run(path):
     """The file's unmarked python blocks run in order against a loopback server, and leave no pool behind."""
     runnable = [block for block in find_blocks(path) if block.runs_here]
     if not runnable:
-        pytest.skip(f"{path.name} has no runnable python block")
+        pytest.skip(nothing_to_run(path))
     env = dict(os.environ)
-    result = subprocess.run(
-        [sys.executable, str(RUNNER), str(path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=180,
-        check=False,
-    )
+    with starting_a_program():
+        result = subprocess.run(
+            [sys.executable, str(RUNNER), str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=180,
+            check=False,
+        )
     output = result.stdout.decode()
     assert result.returncode == 0, output
     assert f"all {len(runnable)} blocks ran" in output, output
     for block in runnable:
         assert f"ran {block.where}\n" in output
+
+
+def test_a_page_with_nothing_to_run_is_skipped_with_its_path_and_what_its_blocks_are():
+    """The skip of a page without runnable blocks names it by its path from the repository's root (so
+    README.rst is the root's, which runs) and says what its blocks are instead."""
+    quiet = [path for path in FILES if not any(block.runs_here for block in find_blocks(path))]
+    assert ROOT / "examples" / "README.rst" in quiet
+    for path in quiet:
+        with pytest.raises(pytest.skip.Exception) as skipped:
+            test_the_runnable_blocks_of_the_file_run(path)
+        reason = str(skipped.value)
+        assert ROOT / reason.split()[0] == path, reason
+        blocks = find_blocks(path)
+        assert reason.endswith(" has no code block") if not blocks else f"{len(blocks)} " in reason, reason
+
+
+# The development tools a page may tell readers to run, and the package that installs each one.
+TOOLS = {"tox": "tox", "sphinx-build": "sphinx", "pytest": "pytest", "ruff": "ruff", "mypy": "mypy",
+         "twine": "twine", "build": "build"}  # fmt: skip
+TOOL_COMMAND = re.compile(
+    r"(?:``|^\s*\$ )(?:python3? -m )?(tox|sphinx-build|pytest|ruff|mypy|twine|build)\b", re.M
+)
+
+
+def what_extras_install() -> dict:
+    """Each extra of the installed geventconnpool and the names of the packages it installs."""
+    extras: dict = collections.defaultdict(set)
+    for line in metadata.requires("geventconnpool") or []:
+        found = re.match(r"([\w.-]+).*extra == \"(\w+)\"", line)
+        if found:
+            extras[found.group(2)].add(found.group(1).lower())
+    return extras
+
+
+def installed_by(paragraph: str) -> set:
+    """The packages that the ``pip install`` commands of ``paragraph`` install, extras included."""
+    packages = set()
+    for command in re.findall(r"pip install ([^`\n]+)", paragraph):
+        for word in command.split():
+            extras = re.search(r"\[([\w,]+)\]", word)
+            if extras:
+                packages |= {p for extra in extras.group(1).split(",") for p in what_extras_install()[extra]}
+            elif not word.startswith(("-", "&")):
+                packages.add(word.strip("'\"").lower())
+    return packages
+
+
+def test_each_documented_command_installs_or_names_what_it_runs():
+    """A paragraph or block of the docs that runs tox, pytest, Sphinx, ruff, mypy, build or twine also
+    installs it, or names the pip install (an extra counts) that does."""
+    pages = [*FILES, ROOT / "examples" / "gunicorn_app" / "README.rst", ROOT / "benchmarks" / "README.rst"]
+    texts = {path: path.read_text() for path in pages}
+    texts[ROOT / "docs" / "conf.py"] = ast.get_docstring(ast.parse((ROOT / "docs" / "conf.py").read_text()))
+    missing = []
+    for path, text in texts.items():
+        for paragraph in re.split(r"\n\s*\n|\n(?=\s*[-*] )", text):  # blank lines, or a list's next item
+            for tool in TOOL_COMMAND.findall(paragraph):
+                if TOOLS[tool] not in installed_by(paragraph):
+                    missing.append(f"{path.relative_to(ROOT)}: {tool} in {paragraph.strip()[:70]!r}...")
+    assert not missing, "\n".join(missing)
 
 
 def test_placeholder_pages_and_the_toctree():
@@ -114,8 +185,6 @@ def test_readme_keeps_the_two_commands_of_try_it():
 def test_docs_name_no_remote_host_outside_blocks_marked_not_runnable():
     """Runnable blocks only use loopback addresses; test.example.org appears only in marked blocks."""
     for path in FILES:
-        if not path.exists():
-            continue
         for block in find_blocks(path):
             if block.runs_here:
                 hosts = set(re.findall(r"[\"']([\w.-]+\.(?:org|com|net|io))[\"']", block.code))

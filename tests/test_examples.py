@@ -12,6 +12,7 @@ from pathlib import Path
 import gevent
 import pytest
 from gevent import socket, subprocess
+from helpers import starting_a_program
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -21,15 +22,16 @@ def run_example(name: str, *args: str) -> str:
     """Run ``examples/<name>`` with this interpreter from the checkout's root; return its output."""
     env = dict(os.environ)
     env.pop("GEVENTCONNPOOL_PATCH_ALL", None)  # each example decides for itself whether to patch
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=60,
-        check=False,
-    )
+    with starting_a_program():
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / name), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
     output = result.stdout.decode()
     assert result.returncode == 0, (
         f"{name} exited with {result.returncode}:\n{output}\n{result.stderr.decode()}"
@@ -131,12 +133,13 @@ def test_redis_raw_uses_a_running_server_given_by_port(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    with starting_a_program():
+        server = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     try:
         wait_for_redis(port, server)
         out = run_example("redis_raw.py", "--port", str(port))

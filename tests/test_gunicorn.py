@@ -1,9 +1,11 @@
 """Real gunicorn with gevent workers serving examples/gunicorn_app, whose pool talks TLS to a local backend.
 
-Each test starts ``gunicorn -k gevent -w 2`` (with and without ``--preload``)
-as a subprocess, sends a few hundred HTTP requests from this process, and
-reads what the backend (a TLS line server run here, in this process) saw:
-which process opened each connection and which pid came with each command on it.
+Each gunicorn test starts ``gunicorn -k gevent -w 2`` (with and without
+``--preload``) as a subprocess, sends a few hundred HTTP requests from this
+process, and reads what the backend (a TLS line server run here, in this
+process) saw: which process opened each connection and which pid came with
+each command on it.  They take seconds each, so they are ``slow`` tests, run
+once by the tox env ``soak`` rather than under every Python.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import gevent
 import gevent.pool
 import pytest
-from gevent import socket
-from helpers import LinePool, wait_until
+from gevent import socket, ssl
+from helpers import LinePool, starting_a_program, wait_until
 
 import geventconnpool
 
@@ -65,6 +68,26 @@ def backend(tmp_path):
         server.stop()
 
 
+@pytest.fixture
+def restart_backend(backend):
+    """Stop ``backend`` and start a new one on its port with its --cafile, as the example's README says
+    to restart it (``while_down()``, if given, runs in between); the new one is stopped when the test ends."""
+    started = []
+
+    def stop_and_start(while_down: Optional[Callable[[], object]] = None):
+        backend.stop()
+        if while_down is not None:
+            while_down()
+        again = backend_module().Backend(port=backend.port, cafile=backend.cafile)
+        started.append(again)
+        again.start()
+        return again
+
+    yield stop_and_start
+    for server in started:
+        server.stop()
+
+
 class Gunicorn:
     """A real gunicorn master and its two gevent workers, in a process group of their own."""
 
@@ -100,7 +123,7 @@ class Gunicorn:
         )
         self.log_path = log_path
         # Output to a file, not a pipe: nothing here has to keep reading it.
-        with open(log_path, "wb") as log:
+        with open(log_path, "wb") as log, starting_a_program():
             self.proc = subprocess.Popen(
                 args,
                 stdin=subprocess.DEVNULL,
@@ -173,8 +196,6 @@ def start_gunicorn(backend, tmp_path):
 
 def http_get(port: int, path: str) -> Tuple[int, Optional[str], str]:
     """One HTTP/1.1 GET on a gevent socket (cooperative whether or not this process is patched)."""
-    # Not create_connection(): its name lookup would start gevent's thread pool, and a
-    # process with threads warns when it forks gunicorn (Python 3.12+, patched mode).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(15)
         sock.connect(("127.0.0.1", port))
@@ -212,6 +233,7 @@ def assert_no_foreign_commands(backend) -> None:
 
 @requires_gunicorn
 @requires_trustme
+@pytest.mark.slow
 @pytest.mark.watchdog(60)
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
 def test_each_gunicorn_worker_uses_only_its_own_connections(leak_check, backend, start_gunicorn, preload):
@@ -283,6 +305,112 @@ def test_each_gunicorn_worker_uses_only_its_own_connections(leak_check, backend,
     endings = [(c.port, c.opener, c.ended) for c in backend.connections]
     assert endings == [(port, opener, "EOF" if opener == master else "QUIT") for port, opener, _ in endings]
     assert "Traceback" not in server.log(), server.log()
+
+
+class Answer(NamedTuple):
+    """One request of a load: when it was sent (time.monotonic()), its status, whether its reply was right."""
+
+    sent: float
+    status: int
+    right: bool
+
+
+class Load:
+    """``CONCURRENCY`` greenlets sending requests to gunicorn until stopped, or 60 s, or 20,000 requests."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers: List[Answer] = []
+        self._deadline = time.monotonic() + 60
+        self._senders = gevent.pool.Group()
+        for _ in range(CONCURRENCY):
+            self._senders.spawn(self._send)
+
+    def _send(self) -> None:
+        while time.monotonic() < self._deadline and len(self.answers) < 20_000:
+            token = uuid.uuid4().hex
+            sent = time.monotonic()
+            status, pid, body = http_get(self.port, f"/?token={token}")
+            self.answers.append(Answer(sent, status, status == 200 and body == f"{token} {pid}\n"))
+
+    def failed(self, since: float = 0.0) -> List[Answer]:
+        """The requests sent at ``since`` or later that got no right answer."""
+        return [a for a in self.answers if a.sent >= since and not a.right]
+
+    def succeeded(self, since: float) -> List[Answer]:
+        """The requests sent at ``since`` or later that got a right answer."""
+        return [a for a in self.answers if a.sent >= since and a.right]
+
+    def stop(self) -> None:
+        self._senders.kill()
+
+
+@requires_gunicorn
+@requires_trustme
+@pytest.mark.slow
+@pytest.mark.watchdog(90)
+def test_requests_succeed_within_2_s_of_a_backend_restart_under_load(
+    leak_check, restart_backend, start_gunicorn
+):
+    """The backend restarted under load as the example's README says: requests succeed again within 2 s of
+    its return, and each worker logs the outage in one line and its end in another, with the count of the
+    requests that failed, instead of a line per failed request."""
+    server = start_gunicorn(preload=False)
+    load = Load(server.port)
+    try:
+        wait_until(lambda: len(load.answers) >= 100, timeout=10, message=lambda: f"{len(load.answers)} sent")
+        assert load.failed() == [], load.failed()[:3]
+
+        def outage_seen_by_clients() -> None:
+            wait_until(lambda: len(load.failed()) >= 50, timeout=10, message=lambda: "no request failed")
+
+        restart_backend(while_down=outage_seen_by_clients)
+        back = time.monotonic()
+        wait_until(
+            lambda: load.succeeded(since=back),
+            timeout=2,
+            message=lambda: f"{len(load.failed(since=back))} failed since the restart:\n{server.log()}",
+        )
+        # And they go on succeeding: the last 100 of the next 300 requests all do.
+        wait_until(lambda: len(load.answers) >= 300 + len(load.failed()), timeout=10)
+        load.stop()
+        assert [a for a in load.answers[-100:] if not a.right] == [], server.log()
+    finally:
+        load.stop()
+
+    log = server.log()
+    began = re.findall(r"^backend unavailable .*$", log, re.M)
+    ended = [int(n) for n in re.findall(r"^backend back after .*: (\d+) requests failed", log, re.M)]
+    assert 1 <= len(began) <= 2, log  # once in each worker that saw the outage
+    assert len(ended) == len(began), log
+    assert sum(ended) == len(load.failed()), log
+    assert server.stop() == 0, log
+
+
+def tls_handshake_with(cafile: str, port: int) -> str:
+    """Connect to the backend on ``port`` trusting ``cafile``, as the app's pool does; its HELLO reply."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=cafile)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with raw, context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.sendall(f"HELLO {os.getpid()}\n".encode())
+        return sock.makefile("rb").readline().decode().strip()
+
+
+@requires_trustme
+def test_a_restarted_backend_keeps_the_certificate_authority_its_clients_loaded(
+    tmp_path, backend, restart_backend
+):
+    """The backend restarted with the same --cafile is signed by the same CA, so a client that read the
+    CA file before the restart (the app reads it at import) still verifies the new certificate."""
+    read_before = tmp_path / "read-before-the-restart.pem"
+    read_before.write_bytes(Path(backend.cafile).read_bytes())
+    assert tls_handshake_with(str(read_before), backend.port).startswith("HELLO ")
+
+    again = restart_backend()
+
+    assert again.port == backend.port
+    assert tls_handshake_with(str(read_before), again.port).startswith("HELLO ")
 
 
 class GoodbyePool(LinePool):

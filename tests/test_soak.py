@@ -22,10 +22,6 @@ from reliability_checks import check_closed, check_recovered
 
 from geventconnpool import PoolTimeout, retry
 
-# Starting redis-server forks this process, which gevent's resolver thread makes multi-threaded: the
-# child execs at once, so Python 3.12+'s warning about fork() in a threaded process does not apply.
-pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-
 SECONDS = float(os.environ.get("GEVENTCONNPOOL_SOAK_SECONDS", "60"))
 WORKERS = 40
 

@@ -7,7 +7,12 @@ Serve it with gunicorn's gevent worker (README.rst shows the whole recipe)::
 
 ``GET /?token=abc`` sends ``ECHO abc <pid>`` to the backend on a pooled
 connection and answers with the backend's reply, ``abc <pid>``;
-``GET /stats`` answers the worker's ``pool.stats()`` as JSON.
+``GET /stats`` answers the worker's ``pool.stats()`` as JSON, with the
+count of requests that failed since the worker started.
+
+While the backend is away, requests fail fast (503) and the worker logs the
+outage once, when the first request fails, and once more with the count of
+failed requests when a request succeeds again: not a line per failed request.
 
 It is configured by the environment: ``BACKEND_PORT`` (required),
 ``BACKEND_CAFILE`` (required: the certificate authority that signed the
@@ -29,6 +34,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Callable, Iterable, List, Optional, Tuple
 from urllib.parse import parse_qs
 
@@ -111,6 +117,40 @@ class BackendPool(ConnectionPool[BackendConnection]):
             raise ConnectionError("the backend did not answer PING with PONG")
 
 
+class OutageLog:
+    """Logs a run of failed requests in two lines, when it begins and when it ends, and counts them.
+
+    A request that fails while the backend is away says nothing new: the
+    first one of the run is logged, the others are only counted, and the
+    first request that succeeds logs how long the run lasted and how many
+    failed.  ``failed`` counts every failed request since the worker started.
+    """
+
+    def __init__(self) -> None:
+        self.failed = 0
+        self._run_started: Optional[float] = None  # time.monotonic() of the run's first failure
+        self._run_failed = 0
+
+    def failure(self, error: BaseException) -> None:
+        """Count a failed request; log the first of a run."""
+        self.failed += 1
+        self._run_failed += 1
+        if self._run_started is None:
+            self._run_started = time.monotonic()
+            logger.error("backend unavailable (%s); counting the failed requests until one succeeds", error)
+
+    def success(self) -> None:
+        """End the run of failures, if there is one, with a line saying how long and how many."""
+        if self._run_started is not None:
+            logger.warning(
+                "backend back after %.1f s: %d requests failed meanwhile",
+                time.monotonic() - self._run_started,
+                self._run_failed,
+            )
+            self._run_started = None
+            self._run_failed = 0
+
+
 def make_pool() -> BackendPool:
     """The pool described by the environment (see the module's docstring)."""
     try:
@@ -131,9 +171,17 @@ def make_pool() -> BackendPool:
 
 
 pool = make_pool()
+outages = OutageLog()
 
 
-@retry(max_failures=2, giveup=lambda error: isinstance(error, PoolError), logger=logger)
+# The give-up line goes to DEBUG: a request that fails is counted by ``outages``,
+# which logs the first one of an outage rather than each of them.
+@retry(
+    max_failures=2,
+    giveup=lambda error: isinstance(error, PoolError),
+    logger=logger,
+    max_failure_log_level=logging.DEBUG,
+)
 def echo(token: str) -> str:
     """Ask the backend to echo ``token``; a broken connection is retried on another one."""
     with pool.get() as backend:
@@ -144,7 +192,7 @@ def application(environ: dict[str, object], start_response: StartResponse) -> It
     """The WSGI entry point."""
     path = environ.get("PATH_INFO", "/")
     if path == "/stats":
-        stats = dict(dataclasses.asdict(pool.stats()), pid=os.getpid())
+        stats = dict(dataclasses.asdict(pool.stats()), failed_requests=outages.failed, pid=os.getpid())
         return _respond(start_response, "200 OK", json.dumps(stats), "application/json")
     if path != "/":
         return _respond(start_response, "404 Not Found", "not found")
@@ -154,9 +202,12 @@ def application(environ: dict[str, object], start_response: StartResponse) -> It
     try:
         reply = echo(token)
     except PoolError as error:  # PoolTimeout, PoolUnavailable
+        outages.failure(error)
         return _respond(start_response, "503 Service Unavailable", f"backend unavailable: {error}")
     except OSError as error:
+        outages.failure(error)
         return _respond(start_response, "502 Bad Gateway", f"backend failed: {error!r}")
+    outages.success()
     return _respond(start_response, "200 OK", reply)
 
 

@@ -1,4 +1,4 @@
-"""A small TLS line service on 127.0.0.1 for the gunicorn example, with a throwaway certificate.
+"""A small TLS line service on 127.0.0.1 for the gunicorn example, with a certificate authority of its own.
 
 It stands for the remote API a web application calls: the app in ``app.py``
 keeps a pool of TLS connections to it.  It also writes down everything a test
@@ -22,6 +22,8 @@ The protocol, one command a line, one reply a line:
 
 Run it by hand with ``python backend.py --port 7000 --cafile /tmp/backend-ca.pem``
 (see README.rst), and ask it what it saw with ``python backend.py --stats ...``.
+Started again with the same ``--cafile``, it keeps its certificate authority,
+so that the clients that already trust it reconnect.
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ class Connection:
 class Backend:
     """The TLS line server, run in this process with gevent.
 
-    ``start()`` makes a new certificate authority and a certificate for
-    ``localhost`` and ``127.0.0.1`` signed by it, writes the authority's
-    certificate to :attr:`cafile` (what clients must trust), and listens on
-    ``127.0.0.1:port`` (0 picks a free port).
+    ``start()`` issues a certificate for ``localhost`` and ``127.0.0.1``
+    signed by the certificate authority in :attr:`cafile` (what clients must
+    trust) and its key file (:func:`ca_key_file`), and listens on
+    ``127.0.0.1:port`` (0 picks a free port).  The authority is made and
+    written there the first time, and kept after, so that the clients that
+    loaded ``cafile`` still trust a restarted backend.  Without ``cafile`` it
+    lives in a temporary directory that ``stop()`` removes.
     """
 
     def __init__(self, port: int = 0, cafile: Optional[str] = None, verbose: bool = False) -> None:
@@ -84,12 +89,10 @@ class Backend:
     # -- lifetime ----------------------------------------------------------------------
 
     def start(self) -> None:
-        ca = trustme.CA()
-        certificate = ca.issue_cert("localhost", "127.0.0.1")
         if self.cafile is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="gunicorn-app-backend-")
             self.cafile = os.path.join(self._tmpdir.name, "ca.pem")
-        ca.cert_pem.write_to_path(self.cafile)
+        certificate = certificate_authority(self.cafile).issue_cert("localhost", "127.0.0.1")
         # gevent's own SSLContext, so that the handshakes are cooperative whether
         # or not this process called gevent.monkey.patch_all().
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -190,6 +193,25 @@ class Backend:
         return "ERROR unknown command"
 
 
+def ca_key_file(cafile: str) -> str:
+    """The file of the private key of the certificate authority in ``cafile``: its name, ending in .key."""
+    return os.path.splitext(cafile)[0] + ".key"
+
+
+def certificate_authority(cafile: str) -> trustme.CA:
+    """The authority in ``cafile`` and its key file, or a new one written there when either is missing."""
+    keyfile = ca_key_file(cafile)
+    if os.path.exists(cafile) and os.path.exists(keyfile):
+        with open(cafile, "rb") as cert, open(keyfile, "rb") as key:
+            return trustme.CA.from_pem(cert.read(), key.read())
+    ca = trustme.CA()
+    # The key readable by its owner only; the certificate is public.
+    with open(os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as key:
+        key.write(ca.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(cafile)
+    return ca
+
+
 def _int(word: str) -> Optional[int]:
     try:
         return int(word)
@@ -211,7 +233,12 @@ def ask_stats(port: int, cafile: str) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=7000, help="port on 127.0.0.1 (default 7000)")
-    parser.add_argument("--cafile", default=None, help="where to write (or, with --stats, read) the CA")
+    parser.add_argument(
+        "--cafile",
+        default=None,
+        help="the CA certificate: kept from the last run (with its key, in the same name ending in .key)"
+        " or written there; with --stats, read",
+    )
     parser.add_argument("--stats", action="store_true", help="print what a running backend saw, and exit")
     args = parser.parse_args(argv)
     if args.stats:
