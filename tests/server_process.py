@@ -15,21 +15,18 @@ import shutil
 import signal
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import gevent
 from gevent import subprocess
+from helpers import starting_a_program
 from redis_server import free_port
 
 
 def start_process(args: List[str], log: Path) -> subprocess.Popen:
     """Start ``args`` in a new session, its stdout and stderr appended to ``log``."""
-    with open(log, "ab") as output, warnings.catch_warnings():
-        # gevent's resolver thread makes this process multi-threaded: the child execs at
-        # once, so Python 3.12+'s warning about fork() in a threaded process does not apply.
-        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+    with open(log, "ab") as output, starting_a_program():
         return subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
