@@ -15,7 +15,10 @@ import gc
 
 import gevent
 import pytest
+from doubles import LogCapture
+from faultproxy import FaultProxy
 from helpers import LineServer, open_fds, pool_greenlets
+from redis_server import RedisServer
 
 PATCHED = bool(os.environ.get("GEVENTCONNPOOL_PATCH_ALL"))
 
@@ -58,6 +61,40 @@ def line_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis():
+    """A real redis-server on a free port of 127.0.0.1, killed at the end."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def proxy(redis):
+    """A :class:`FaultProxy` in front of ``redis``."""
+    fault_proxy = FaultProxy(redis.address)
+    fault_proxy.start()
+    try:
+        yield fault_proxy
+    finally:
+        fault_proxy.stop()
+
+
+@pytest.fixture
+def pool_log(caplog):
+    """What the package's logger ("geventconnpool") emitted during the test, from DEBUG up."""
+    return LogCapture(caplog, "geventconnpool")
+
+
+@pytest.fixture
+def retry_log(caplog):
+    """A logger of the test's own for retry(logger=...), as ``retry_log.logger``, and what it emitted."""
+    return LogCapture(caplog, "tests.retry")
 
 
 @pytest.fixture

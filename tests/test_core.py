@@ -7,19 +7,11 @@ import ssl
 
 import gevent
 import pytest
-from core_pools import (
-    FLAVOURS,
-    FactoryPool,
-    RecordingLinePool,
-    TaggedKeepalivePool,
-    holds,
-    ka_tag,
-    pings,
-)
+from doubles import FLAVOURS, FakeConn, FakePool, FalsyConn, RecordingLinePool, holds
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.monkey import get_original
-from helpers import LinePool, recv_line, request, wait_until
+from helpers import LinePool, LineServer, recv_line, request, wait_until
 
 from geventconnpool import ConnectionPool, PoolTimeout
 
@@ -30,6 +22,26 @@ def test_documented_imports():
 
     assert isinstance(ConnectionPool, type)
     assert callable(retry)
+
+
+class TaggedKeepalivePool(RecordingLinePool):
+    """A pool whose keepalive sends ``KA <local port>``: the server's log says which connection was pinged."""
+
+    def _keepalive(self, c):
+        tag = ka_tag(c)
+        c.sendall(tag)
+        if recv_line(c) + b"\n" != tag:
+            raise OSError("keepalive: wrong reply")
+
+
+def ka_tag(c) -> bytes:
+    """The keepalive command line that :class:`TaggedKeepalivePool` sends on ``c``."""
+    return b"KA %d\n" % c.getsockname()[1]
+
+
+def pings(server: LineServer, c) -> int:
+    """How many keepalive pings the server received on the connection ``c``."""
+    return server.commands.count(ka_tag(c))
 
 
 class HandshakePool(LinePool):
@@ -242,41 +254,33 @@ def test_custom_exc_classes_with_imap_errors(line_server, leak_check, error_clas
     leak_check()
 
 
-class Closable:
-    """A black-box connection with a close() that records being called."""
-
-    def __init__(self):
-        self.close_calls = 0
-
-    def close(self):
-        self.close_calls += 1
-
-
-class EmptyClosable(Closable):
-    """A valid connection object that is falsy: its __len__ is 0, like an empty container."""
-
-    def __len__(self):
-        return 0
-
-
 class NoClose:
     """A black-box connection without any close() method, like a table handle."""
 
 
-@pytest.mark.parametrize("kind", [object, dict, Closable, EmptyClosable, NoClose])
+BLACK_BOXES = {
+    "object": object,
+    "dict": dict,
+    "FakeConn": lambda: FakeConn(0),
+    "FalsyConn": lambda: FalsyConn(0),
+    "NoClose": NoClose,
+}
+
+
+@pytest.mark.parametrize("kind", list(BLACK_BOXES))
 def test_black_box_connections(kind, leak_check):
     """Any non-None object is a connection: lent as is, never re-created while alive, and discarded safely."""
-    with FactoryPool(2, kind) as pool:
+    with FakePool(2, factory=BLACK_BOXES[kind]) as pool:
         pool.wait(timeout=5)
-        assert pool.calls == 2  # a falsy object is a connection, not a failed attempt
+        assert pool.connect_calls == 2  # a falsy object is a connection, not a failed attempt
         with pool.get() as c:
-            assert holds(pool.created, c)
+            assert holds(pool.conns, c)
         with pytest.raises(OSError), pool.get() as c:
             victim = c
             raise OSError("broken")
-        assert pool.dropped == [victim]
-        if isinstance(victim, Closable):
-            assert victim.close_calls == 1
+        assert pool.close_calls == [victim]
+        if isinstance(victim, FakeConn):
+            assert victim.closed == 1
         pool.wait(timeout=5)
         stats = pool.stats()
         assert (stats.idle, stats.opened, stats.discarded, stats.failed_connects) == (2, 3, 1, 0)
@@ -287,47 +291,47 @@ def test_black_box_connections(kind, leak_check):
     leak_check()
 
 
-class OwnClosePool(FactoryPool):
+class OwnClosePool(FakePool):
     """A pool that closes its connections its own way (e.g. an IMAP logout) instead of calling close()."""
 
     def _close_connection(self, c):
-        self.dropped.append(c)
+        self.close_calls.append(c)
 
 
 def test_close_connection_override_gets_the_discarded_object(leak_check):
     """An overridden _close_connection gets the discarded object, and replaces the default close()."""
-    with OwnClosePool(1, Closable) as pool:
+    with OwnClosePool(1) as pool:
         pool.wait(timeout=5)
         with pytest.raises(TimeoutError), pool.get() as c:
             victim = c
             raise TimeoutError("a timeout is an OSError")
-        assert pool.dropped == [victim]
-        assert victim.close_calls == 0
+        assert pool.close_calls == [victim]
+        assert victim.closed == 0
         pool.wait(timeout=5)
         with pool.get() as c:
-            assert c is pool.created[1]
+            assert c is pool.conns[1]
     leak_check()
 
 
-class FailingClosePool(FactoryPool):
+class FailingClosePool(FakePool):
     """A pool whose _close_connection itself fails, as closing a dead connection sometimes does."""
 
     def _close_connection(self, c):
-        self.dropped.append(c)
+        self.close_calls.append(c)
         raise RuntimeError("close failed too")
 
 
 def test_close_connection_errors_are_logged_at_debug_and_swallowed(caplog, leak_check):
     """An error in _close_connection is logged at DEBUG and swallowed; the block's exception propagates."""
     caplog.set_level(logging.DEBUG, logger="geventconnpool")
-    with FailingClosePool(1, Closable) as pool:
+    with FailingClosePool(1) as pool:
         pool.wait(timeout=5)
         error = OSError("the real problem")
         with pytest.raises(OSError) as info, pool.get() as c:
             victim = c
             raise error
         assert info.value is error
-        assert pool.dropped == [victim]
+        assert pool.close_calls == [victim]
         pool.wait(timeout=5)
         with pool.get() as c:
             assert c is not victim
@@ -338,25 +342,18 @@ def test_close_connection_errors_are_logged_at_debug_and_swallowed(caplog, leak_
     leak_check()
 
 
-class HangingClosePool(FactoryPool):
-    """A pool whose _close_connection waits for a goodbye that a dead peer never sends."""
-
-    def _close_connection(self, c):
-        self.dropped.append(c)
-        gevent.sleep(3600)
-
-
 def test_a_hanging_close_connection_is_bounded_by_connect_timeout(caplog, leak_check):
     """A hanging _close_connection is cut off by connect_timeout, logged at DEBUG; the caller goes on."""
     caplog.set_level(logging.DEBUG, logger="geventconnpool")
-    with HangingClosePool(1, Closable, connect_timeout=0.2) as pool:
+    with FakePool(1, connect_timeout=0.2) as pool:
+        pool.close_gates.append(Event())  # the first close waits for a goodbye that a dead peer never sends
         pool.wait(timeout=5)
         error = OSError("broken")
         with pytest.raises(OSError) as info, pool.get() as c:
             victim = c
             raise error
         assert info.value is error
-        assert pool.dropped == [victim]
+        assert pool.close_calls == [victim]
         timeouts = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], TimeoutError)]
         assert [r.levelno for r in timeouts] == [logging.DEBUG]
         assert "_close_connection() exceeded connect_timeout=0.2" in str(timeouts[0].exc_info[1])
@@ -564,14 +561,14 @@ def test_retry_on_methods_with_a_real_pool(line_server, leak_check):
 def test_subclasses_of_exc_classes_discard(error, leak_check):
     """Subclasses of exc_classes discard too: the OSError family (resets, timeouts, SSL errors) by default."""
     exc_classes = (OSError, imaplib.IMAP4.error)
-    with FactoryPool(1, Closable, exc_classes=exc_classes) as pool:
+    with FakePool(1, exc_classes=exc_classes) as pool:
         pool.wait(timeout=5)
         with pytest.raises(type(error)) as info, pool.get() as c:
             victim = c
             raise error
         assert info.value is error
-        assert pool.dropped == [victim]
-        assert victim.close_calls == 1
+        assert pool.close_calls == [victim]
+        assert victim.closed == 1
         pool.wait(timeout=5)
         with pool.get() as c:
             assert c is not victim

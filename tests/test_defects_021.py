@@ -7,17 +7,10 @@ import logging
 
 import gevent
 import pytest
-from core_pools import FLAVOURS, FactoryPool, RecordingLinePool
+from doubles import FLAVOURS, FakePool, FalsyConn, FastLinePool, RecordingLinePool
 from helpers import LineServer, pool_greenlets, recv_line, request, wait_until
 
 from geventconnpool import ConnectionPool, PoolTimeout, retry
-
-
-class FastReconnectPool(RecordingLinePool):
-    """A line pool whose reconnect backoff is short, so a test can watch it recover quickly."""
-
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.05
 
 
 @pytest.mark.parametrize("down", ["at_construction", "after_fill"])
@@ -32,7 +25,7 @@ def test_defect1_new_connection_raising_does_not_shrink_the_pool(down, leak_chec
     if down == "at_construction":
         server.stop()
     try:
-        with FastReconnectPool(server, 3) as pool:
+        with FastLinePool(server, 3) as pool:
             if down == "after_fill":
                 pool.wait(timeout=5)
                 server.stop()  # refuses new connections and cuts the open ones
@@ -57,22 +50,12 @@ def test_defect1_new_connection_raising_does_not_shrink_the_pool(down, leak_chec
     leak_check()
 
 
-class Falsy:
-    """A valid connection object that is falsy (its __len__ is 0), like an empty container or table."""
-
-    def __len__(self):
-        return 0
-
-    def close(self):
-        pass
-
-
 def test_defect1_none_and_falsy_connections(leak_check):
     """A None from _new_connection is a failed attempt; any other object, even a falsy one, is a connection.
 
     0.2.1: it tested truthiness, so a falsy connection was leaked and the factory called again.
     """
-    conn = Falsy()
+    conn = FalsyConn(0)
     script = [None, None, conn]
     spare = []
 
@@ -82,16 +65,16 @@ def test_defect1_none_and_falsy_connections(leak_check):
         spare.append(object())
         return spare[-1]
 
-    with FactoryPool(1, factory) as pool:
+    with FakePool(1, factory=factory) as pool:
         pool.wait(timeout=10)
-        assert pool.calls == 3
+        assert pool.connect_calls == 3
         assert pool.stats().failed_connects == 2
         for _ in range(3):
             with pool.get() as c:
                 assert c is conn
-        assert pool.calls == 3
+        assert pool.connect_calls == 3
         assert spare == []
-        assert pool.dropped == []
+        assert pool.close_calls == []
     leak_check()
 
 
@@ -115,9 +98,9 @@ def test_defect1_any_exception_is_a_failed_attempt(leak_check):
             raise step
         return step
 
-    with FactoryPool(1, factory) as pool:
+    with FakePool(1, factory=factory) as pool:
         pool.wait(timeout=10)
-        assert pool.calls == 5
+        assert pool.connect_calls == 5
         assert pool.stats().failed_connects == 4
         with pool.get() as c:
             assert c is conn
@@ -139,9 +122,9 @@ def test_defect1_handshake_timeout_in_new_connection_does_not_shrink_the_pool(le
         return conn
 
     pool_calls = []
-    with FactoryPool(1, factory) as pool:
+    with FakePool(1, factory=factory) as pool:
         pool.wait(timeout=2)
-        assert pool.calls == 2
+        assert pool.connect_calls == 2
         assert pool.stats().failed_connects == 1
         with pool.get() as c:
             assert c is conn

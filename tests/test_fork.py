@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import gevent
 import pytest
+from doubles import FastLinePool
 from gevent import socket
 from gevent.monkey import get_original, is_module_patched
 from helpers import LinePool, LineServer, recv_line, wait_until
@@ -448,11 +449,7 @@ def test_fork_of_a_pool_whose_remote_is_down(fork, leak_check):
     server.start()
     server.stop()
 
-    class Quick(LinePool):
-        RECONNECT_DELAY = 0.005
-        RECONNECT_MAX_DELAY = 0.02
-
-    with Quick(server, 1, timeout=0.2) as pool:
+    with FastLinePool(server, 1, timeout=0.2) as pool:
         wait_until(lambda: pool.stats().failed_connects >= 1)
 
         def child() -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import time
 
 import gevent
 import pytest
+from doubles import FakeConn, FakePool, FastLinePool
 from gevent import socket
 from gevent.event import Event
 from helpers import LinePool, LineServer, pool_greenlets, recv_line, request, wait_until
@@ -29,107 +30,6 @@ from geventconnpool import (
     PoolTimeout,
     PoolUnavailable,
 )
-
-LOGGER = "geventconnpool"
-
-
-class FastLinePool(LinePool):
-    """A LinePool that retries failed connects every few milliseconds, and records its closes."""
-
-    RECONNECT_DELAY = 0.005
-    RECONNECT_MAX_DELAY = 0.02
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.closed_conns: list[socket.socket] = []
-        self.opened_at: dict[int, float] = {}
-        self.lifetimes: list[float] = []
-        super().__init__(*args, **kwargs)
-
-    def _new_connection(self) -> socket.socket:
-        sock = super()._new_connection()
-        self.opened_at[id(sock)] = time.monotonic()
-        return sock
-
-    def _close_connection(self, c: socket.socket) -> None:
-        self.closed_conns.append(c)
-        if id(c) in self.opened_at:
-            self.lifetimes.append(time.monotonic() - self.opened_at[id(c)])
-        super()._close_connection(c)
-
-
-class FakeConn:
-    """A scripted connection: a number, a birth time, and whether the pool closed it."""
-
-    def __init__(self, number: int) -> None:
-        self.number = number
-        self.born = time.monotonic()
-        self.closed = 0
-
-    def close(self) -> None:
-        self.closed += 1
-
-    def __repr__(self) -> str:
-        return f"<FakeConn {self.number}>"
-
-
-class FakePool(ConnectionPool[FakeConn]):
-    """A pool of FakeConn; connects beyond ``free_connects`` wait for ``connect_gate``."""
-
-    RECONNECT_DELAY = 0.005
-    RECONNECT_MAX_DELAY = 0.02
-
-    def __init__(
-        self,
-        size: int,
-        *args: object,
-        free_connects: int = 1000,
-        connect_delays: tuple[float, ...] = (),
-        **kwargs: object,
-    ) -> None:
-        self.conns: list[FakeConn] = []
-        self.free_connects = free_connects
-        self.connect_delays = connect_delays  # the seconds taken by the first calls of _new_connection
-        self.connect_calls = 0
-        self.connect_gate = Event()
-        self.close_gates: list[Event] = []
-        self.close_calls: list[FakeConn] = []
-        self.keepalive_gate = Event()
-        self.keepalive_gate.set()
-        self.keepalive_calls: list[FakeConn] = []
-        self.broken: set[int] = set()
-        super().__init__(size, *args, **kwargs)  # type: ignore[arg-type]
-
-    def _new_connection(self) -> FakeConn:
-        if len(self.conns) >= self.free_connects:
-            self.connect_gate.wait()
-        call = self.connect_calls
-        self.connect_calls += 1
-        if call < len(self.connect_delays):
-            gevent.sleep(self.connect_delays[call])
-        conn = FakeConn(len(self.conns))
-        self.conns.append(conn)
-        return conn
-
-    def _keepalive(self, c: FakeConn) -> None:
-        self.keepalive_calls.append(c)
-        self.keepalive_gate.wait()
-        if c.number in self.broken:
-            raise OSError(f"{c!r} is broken")
-
-    def _close_connection(self, c: FakeConn) -> None:
-        index = len(self.close_calls)
-        self.close_calls.append(c)
-        if index < len(self.close_gates):
-            self.close_gates[index].wait()
-        c.close()
-
-
-def free_gates(pool: FakePool) -> None:
-    """Open every gate of a FakePool, so that closing it cannot block."""
-    pool.connect_gate.set()
-    pool.keepalive_gate.set()
-    for gate in pool.close_gates:
-        gate.set()
 
 
 def invariant_holds(pool: ConnectionPool[object]) -> bool:
@@ -147,10 +47,6 @@ def server_socket_for(server: LineServer, port: int) -> socket.socket:
         if sock.getpeername()[1] == port:
             return sock
     raise AssertionError(f"the server has no open connection from port {port}")
-
-
-def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
 
 
 # -- get(timeout) -------------------------------------------------------------------------
@@ -442,17 +338,16 @@ class HandshakePool(FastLinePool):
         return sock
 
 
-def test_connect_timeout_fails_a_hung_handshake_and_retries(line_server, leak_check, caplog):
+def test_connect_timeout_fails_a_hung_handshake_and_retries(line_server, leak_check, pool_log):
     """A handshake the server never answers fails after connect_timeout, is retried, and the slot serves once
     the server answers.
     """
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     line_server.stalled.clear()  # the server reads but never answers
     with HandshakePool(line_server, 1, connect_timeout=0.1) as pool:
         wait_until(lambda: pool.stats().failed_connects >= 2)
         s = pool.stats()
         assert s.connecting == 1 and s.idle == 0 and s.opened == 0
-        assert any("connect_timeout" in r.getMessage() for r in records(caplog, logging.WARNING))
+        assert any("connect_timeout" in r.getMessage() for r in pool_log.records(logging.WARNING))
         line_server.stalled.set()
         pool.wait(timeout=5)
         assert request(pool, b"PING") == b"PONG"
@@ -518,7 +413,7 @@ def test_max_lifetime_recycles_idle_connections_between_90_and_100_percent(line_
     with FastLinePool(line_server, 6, max_lifetime=lifetime) as pool:
         pool.wait(timeout=5)
         first = set(pool.opened_at)
-        wait_until(lambda: first <= {id(c) for c in pool.closed_conns}, timeout=5)
+        wait_until(lambda: first <= {id(c) for c in pool.dropped}, timeout=5)
         wait_until(lambda: line_server.closed >= 6 and line_server.accepted >= 12)
         pool.wait(timeout=5)
         s = pool.stats()
@@ -543,7 +438,7 @@ def test_first_generation_lifetimes_are_spread(line_server, leak_check):
     with SlowHandshakePool(line_server, 6, max_lifetime=lifetime) as pool:
         pool.wait(timeout=5)
         first = set(pool.opened_at)
-        wait_until(lambda: first <= {id(c) for c in pool.closed_conns}, timeout=5)
+        wait_until(lambda: first <= {id(c) for c in pool.dropped}, timeout=5)
         first_lifetimes = pool.lifetimes[:6]
         assert all(0.9 * lifetime - 0.01 <= t < lifetime + 2 for t in first_lifetimes), first_lifetimes
         # Six draws from [0.9, 1.0] * lifetime span more than 1 ms but for a chance below 1e-5.
@@ -565,7 +460,7 @@ def test_max_lifetime_never_closes_a_held_connection(line_server, leak_check):
             assert recv_line(c) == b"PONG"
             assert line_server.closed == 0
             assert pool.stats().recycled == 0
-        assert pool.closed_conns == [c]
+        assert pool.dropped == [c]
         assert pool.stats().recycled == 1
         wait_until(lambda: line_server.closed == 1 and line_server.accepted == 2)
         assert request(pool, b"PING") == b"PONG"
@@ -611,16 +506,15 @@ def test_an_expired_idle_connection_is_never_lent(leak_check):
             pass  # nothing young enough to lend: the right answer while connects are held back
         assert lent_age is None or lent_age < lifetime, f"lent a connection {lent_age:.2f} s old"
     finally:
-        free_gates(pool)
+        pool.open_gates()
         pool.close()
     leak_check()
 
 
-def test_a_slow_close_never_delays_recycling(leak_check, caplog):
+def test_a_slow_close_never_delays_recycling(leak_check, pool_log):
     """While the close of one recycled connection hangs, the others are recycled when their lifetime ends,
     none is lent, each is closed once, and nothing is logged as an error.
     """
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     lifetime = 0.2
     pool = FakePool(3, free_connects=3, max_lifetime=lifetime, timeout=0.2)
     first_close = Event()
@@ -635,9 +529,9 @@ def test_a_slow_close_never_delays_recycling(leak_check, caplog):
         assert pool.stats().recycled == 3
         first_close.set()
         wait_until(lambda: all(c.closed == 1 for c in pool.conns))
-        assert records(caplog, logging.ERROR) == []
+        assert pool_log.records(logging.ERROR) == []
     finally:
-        free_gates(pool)
+        pool.open_gates()
         pool.close()
     assert all(c.closed == 1 for c in pool.conns[:3]), pool.conns
     leak_check()
@@ -707,7 +601,7 @@ def test_check_failing_while_the_pool_closes_raises_pool_closed(leak_check):
     pool = FakePool(1, check_after=0.01)
     pool.wait(timeout=5)
     gevent.sleep(0.05)
-    pool.broken.add(0)
+    pool.conns[0].broken = True
     pool.keepalive_gate.clear()
     g = gevent.spawn(lambda: pool.get().__enter__())
     wait_until(lambda: len(pool.keepalive_calls) == 1)
@@ -753,7 +647,7 @@ def test_a_hung_check_fails_after_connect_timeout(leak_check):
         s = pool.stats()
         assert (s.keepalive_failures, s.discarded, s.opened) == (1, 1, 2)
     finally:
-        free_gates(pool)
+        pool.open_gates()
         pool.close()
     leak_check()
 
@@ -803,18 +697,17 @@ def test_background_keepalive_interrupted_by_close(leak_check):
 # -- leak_warning ---------------------------------------------------------------------------------
 
 
-def test_leak_warning_logs_once_per_loan_with_the_get_stack(line_server, leak_check, caplog):
+def test_leak_warning_logs_once_per_loan_with_the_get_stack(line_server, leak_check, pool_log):
     """A connection held past leak_warning logs one WARNING naming the pool, the time held, and where get()
     was called.
     """
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     with LinePool(line_server, 1, leak_warning=0.05, name="leaky") as pool:
         pool.wait(timeout=5)
         get_line = sys._getframe().f_lineno + 1
         with pool.get():
-            wait_until(lambda: any("held" in r.getMessage() for r in records(caplog, logging.WARNING)))
+            wait_until(lambda: any("held" in r.getMessage() for r in pool_log.records(logging.WARNING)))
             gevent.sleep(0.2)  # four more leak_warning periods: still a single warning
-        warnings = [r.getMessage() for r in records(caplog, logging.WARNING)]
+        warnings = [r.getMessage() for r in pool_log.records(logging.WARNING)]
         assert len(warnings) == 1, warnings
         message = warnings[0]
         assert "leaky" in message
@@ -824,17 +717,16 @@ def test_leak_warning_logs_once_per_loan_with_the_get_stack(line_server, leak_ch
         assert f'test_production.py", line {get_line}, in test_leak_warning' in message, message
         # A new loan may warn again.
         with pool.get():
-            wait_until(lambda: len(records(caplog, logging.WARNING)) == 2)
+            wait_until(lambda: len(pool_log.records(logging.WARNING)) == 2)
         # A short loan does not.
         assert request(pool, b"PING") == b"PONG"
         gevent.sleep(0.15)
-        assert len(records(caplog, logging.WARNING)) == 2
+        assert len(pool_log.records(logging.WARNING)) == 2
     leak_check()
 
 
-def test_leak_warning_names_the_get_of_a_loan_that_had_to_wait(line_server, leak_check, caplog):
+def test_leak_warning_names_the_get_of_a_loan_that_had_to_wait(line_server, leak_check, pool_log):
     """A loan obtained after waiting in get() is watched too; its warning shows the waiting caller's stack."""
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     with LinePool(line_server, 1, leak_warning=0.05, name="waited") as pool:
         pool.wait(timeout=5)
         release = Event()
@@ -848,7 +740,7 @@ def test_leak_warning_names_the_get_of_a_loan_that_had_to_wait(line_server, leak
             wait_until(lambda: pool.stats().waiting == 1)
 
         def about_the_waiter() -> list[str]:
-            messages = [r.getMessage() for r in records(caplog, logging.WARNING)]
+            messages = [r.getMessage() for r in pool_log.records(logging.WARNING)]
             return [m for m in messages if "borrower_that_waited" in m]
 
         wait_until(about_the_waiter)
@@ -859,14 +751,13 @@ def test_leak_warning_names_the_get_of_a_loan_that_had_to_wait(line_server, leak
     leak_check()
 
 
-def test_no_leak_warning_when_off(line_server, leak_check, caplog):
+def test_no_leak_warning_when_off(line_server, leak_check, pool_log):
     """Without leak_warning a long loan logs nothing."""
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     with LinePool(line_server, 1) as pool:
         pool.wait(timeout=5)
         with pool.get():
             gevent.sleep(0.3)
-        assert records(caplog, logging.WARNING) == []
+        assert pool_log.records(logging.WARNING) == []
         assert not [g for g in pool_greenlets() if "maintenance" in g.name and pool.name in g.name]
     leak_check()
 
@@ -908,11 +799,11 @@ def test_close_closes_idle_kills_greenlets_and_is_idempotent(line_server, leak_c
     assert not pool.closed
     pool.close()
     assert pool.closed
-    assert len(pool.closed_conns) == 3
+    assert len(pool.dropped) == 3
     assert not [g for g in pool_greenlets() if "to-close" in g.name]
     wait_until(lambda: line_server.closed == 3)
     pool.close()
-    assert len(pool.closed_conns) == 3
+    assert len(pool.dropped) == 3
     assert "closed" in repr(pool)
     leak_check()
 
@@ -938,10 +829,10 @@ def test_close_closes_held_connections_when_they_come_back(line_server, leak_che
     pool.wait(timeout=5)
     with pool.get() as c:
         pool.close()
-        assert len(pool.closed_conns) == 1
+        assert len(pool.dropped) == 1
         c.sendall(b"PING\n")
         assert recv_line(c) == b"PONG"
-    assert pool.closed_conns[-1] is c
+    assert pool.dropped[-1] is c
     wait_until(lambda: line_server.closed == 2)
     assert line_server.accepted == 2
     leak_check()
@@ -988,7 +879,7 @@ def test_an_expired_connection_coming_back_is_not_handed_to_a_waiter(line_server
             wait_until(lambda: time.monotonic() > pool.opened_at[id(old)] + 0.15)
         w.get(timeout=5)
         assert served and served[0] != old_port
-        assert pool.closed_conns == [old]
+        assert pool.dropped == [old]
         assert pool.stats().recycled == 1 and line_server.accepted == 2
     leak_check()
 
@@ -1004,7 +895,7 @@ def test_a_hung_background_keepalive_fails_after_connect_timeout(leak_check):
         assert pool.conns[0].closed == 1
         assert pool.stats().discarded >= 1
     finally:
-        free_gates(pool)
+        pool.open_gates()
         pool.close()
     assert all(c.closed == 1 for c in pool.conns)
     leak_check()
@@ -1040,7 +931,7 @@ def test_pool_is_a_context_manager_that_closes(line_server, leak_check):
         pool.wait(timeout=5)
         raise KeyError("boom")
     assert pool.closed
-    assert len(pool.closed_conns) == 2
+    assert len(pool.dropped) == 2
     leak_check()
 
 
@@ -1170,11 +1061,10 @@ def test_stats_gauges_invariant_under_churn(line_server, leak_check):
     leak_check()
 
 
-def test_repr_and_name(line_server, leak_check, caplog):
+def test_repr_and_name(line_server, leak_check, pool_log):
     """repr() shows the name and the gauges; the default name is the class name and a number; name= appears in
     logs and errors.
     """
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     with LinePool(line_server, 2) as unnamed:
         assert unnamed.name.startswith("LinePool-")
     with FastLinePool(line_server, 2, name="orders-db", timeout=0.05) as pool:
@@ -1191,22 +1081,21 @@ def test_repr_and_name(line_server, leak_check, caplog):
             c.sendall(b"PING\n")
             recv_line(c)
         wait_until(lambda: pool.stats().failed_connects >= 1)
-        assert all("orders-db" in r.getMessage() for r in caplog.records if r.name == LOGGER)
-        assert records(caplog, logging.WARNING)
+        assert all("orders-db" in r.getMessage() for r in pool_log.records())
+        assert pool_log.records(logging.WARNING)
     leak_check()
 
 
 # -- logging ----------------------------------------------------------------------------------------
 
 
-def test_outage_logs_a_handful_of_warnings_and_recovery_at_info(line_server, leak_check, caplog):
+def test_outage_logs_a_handful_of_warnings_and_recovery_at_info(line_server, leak_check, pool_log):
     """A long streak of failed connects logs its first failure at WARNING with the error, the rest at DEBUG,
     and the recovery at INFO with the count.
     """
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     with FastLinePool(line_server, 2, name="flaky") as pool:
         pool.wait(timeout=5)
-        caplog.clear()
+        pool_log.clear()
         line_server.stop()
         for _ in range(2):
             with pytest.raises(OSError), pool.get() as c:
@@ -1216,13 +1105,13 @@ def test_outage_logs_a_handful_of_warnings_and_recovery_at_info(line_server, lea
         line_server.start()
         pool.wait(timeout=5)
         failures = pool.stats().failed_connects
-        warnings = [r for r in records(caplog, logging.WARNING) if "failed to open" in r.getMessage()]
+        warnings = [r for r in pool_log.records(logging.WARNING) if "failed to open" in r.getMessage()]
         assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]
         assert "ConnectionRefusedError" in warnings[0].getMessage()
         assert "flaky" in warnings[0].getMessage()
-        debug_failures = [r for r in records(caplog, logging.DEBUG) if "failed to open" in r.getMessage()]
+        debug_failures = [r for r in pool_log.records(logging.DEBUG) if "failed to open" in r.getMessage()]
         assert len(debug_failures) + len(warnings) == failures
-        infos = [r.getMessage() for r in records(caplog, logging.INFO)]
+        infos = [r.getMessage() for r in pool_log.records(logging.INFO)]
         assert any("connected again" in m and "flaky" in m for m in infos), infos
         counts = [int(w) for m in infos for w in m.split() if w.isdigit()]
         assert counts and max(counts) >= 40 - 3
@@ -1281,7 +1170,7 @@ def test_another_pools_error_inside_a_block_keeps_the_held_connection(line_serve
                     with cache.get():
                         pass
         assert db.stats().discarded == 0
-        assert db.closed_conns == [] and line_server.accepted == 1
+        assert db.dropped == [] and line_server.accepted == 1
     leak_check()
 
 

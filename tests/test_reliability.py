@@ -15,13 +15,14 @@ from typing import Any, Dict, List, Optional
 
 import gevent
 import pytest
+from doubles import FakePool, FastLinePool, FastReconnect, FastRedisPool, LineTrackingPool
 from faultproxy import FaultProxy
 from gevent import socket
 from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import GreenletExit
-from helpers import LineServer, pool_greenlets, recv_line, wait_until
-from redis_server import ProtocolError, RedisServer, TrackingPool, echo, needs_redis
+from helpers import pool_greenlets, recv_line, request, wait_until
+from redis_server import RedisServer, TrackingPool, echo, needs_redis
 from reliability_checks import check_closed, check_recovered
 
 from geventconnpool import ConnectionPool, PoolClosed, PoolTimeout, retry
@@ -29,61 +30,6 @@ from geventconnpool import ConnectionPool, PoolClosed, PoolTimeout, retry
 # Starting redis-server forks this process, which gevent's resolver thread makes multi-threaded: the
 # child execs at once, so Python 3.12+'s warning about fork() in a threaded process does not apply.
 pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-
-LOGGER = "geventconnpool"
-
-
-# -- pools and fixtures -----------------------------------------------------------------------------
-
-
-class FastRedisPool(TrackingPool):
-    """A redis pool that retries connects quickly, so that recovery tests stay short."""
-
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.25
-
-
-class LineTrackingPool(TrackingPool):
-    """A :class:`TrackingPool` for the line protocol of :class:`helpers.LineServer`."""
-
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.25
-
-    def __init__(self, server: LineServer, size: int, *args: Any, **kwargs: Any) -> None:
-        super().__init__(server.address, size, *args, **kwargs)
-
-    def ping(self, c: socket.socket) -> None:
-        c.sendall(b"PING\n")
-        if recv_line(c) != b"PONG":
-            raise ProtocolError("no PONG")
-
-
-def line_echo(pool: ConnectionPool[socket.socket], token: bytes) -> bytes:
-    with pool.get() as c:
-        c.sendall(b"ECHO " + token + b"\n")
-        return recv_line(c)
-
-
-@pytest.fixture
-def redis():
-    """A real redis-server on a free port of 127.0.0.1, killed at the end."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
-def proxy(redis):
-    """A :class:`FaultProxy` in front of ``redis``."""
-    fault_proxy = FaultProxy(redis.address)
-    fault_proxy.start()
-    try:
-        yield fault_proxy
-    finally:
-        fault_proxy.stop()
 
 
 # -- the remote is down when the pool starts ----------------------------------------------------------
@@ -96,10 +42,9 @@ class CappedRedisPool(TrackingPool):
 
 
 @needs_redis
-def test_remote_down_at_start_fills_within_max_delay_plus_one_second(leak_check, caplog):
+def test_remote_down_at_start_fills_within_max_delay_plus_one_second(leak_check, pool_log):
     """A pool made while redis is down is full within RECONNECT_MAX_DELAY + 1 s of redis coming up, logging
     one warning and one recovery line."""
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     redis = RedisServer()  # its port is chosen, nothing listens there yet
     try:
         made = time.monotonic()
@@ -110,11 +55,11 @@ def test_remote_down_at_start_fills_within_max_delay_plus_one_second(leak_check,
         redis.start()
         pool.wait(timeout=CappedRedisPool.RECONNECT_MAX_DELAY + 1)
 
-        loud = [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.INFO]
+        loud = [r for r in pool_log.records() if r.levelno >= logging.INFO]
         assert [r.levelname for r in loud] == ["WARNING", "INFO"], [r.getMessage() for r in loud]
         assert "down-at-start" in loud[0].getMessage() and "ConnectionRefusedError" in loud[0].getMessage()
         assert "connected again" in loud[1].getMessage()
-        assert len(caplog.records) <= pool.stats().failed_connects + 2  # one DEBUG line per later failure
+        assert len(pool_log.records()) <= pool.stats().failed_connects + 2  # one DEBUG line per later failure
         check_recovered(pool, redis=redis)
         check_closed(pool)
         wait_until(lambda: redis.client_ports() == set(), interval=0.05)
@@ -367,7 +312,7 @@ def test_close_under_full_load_ends_every_caller_and_connection(line_server, lea
         for k in range(200):
             token = b"%d-%d" % (n, k)
             try:
-                reply = line_echo(pool, token)
+                reply = request(pool, b"ECHO " + token)
             except PoolClosed:
                 ended[n] = "closed"
                 return
@@ -472,7 +417,7 @@ class HangingKeepalivePool(LineTrackingPool):
         Event().wait()
 
 
-def test_keepalive_that_hangs_is_bounded_by_connect_timeout(line_server, leak_check, caplog):
+def test_keepalive_that_hangs_is_bounded_by_connect_timeout(line_server, leak_check, pool_log):
     """A background keepalive check that hangs fails after connect_timeout: the connection is discarded and
     replaced, with a warning, and the check greenlet ends."""
     pool = HangingKeepalivePool(line_server, 2, keepalive=0.1, connect_timeout=0.3, name="hanging-ka")
@@ -484,7 +429,7 @@ def test_keepalive_that_hangs_is_bounded_by_connect_timeout(line_server, leak_ch
     assert not first & set(pool.owned_ports())
     assert any(
         "keepalive check failed" in r.getMessage() and "connect_timeout" in r.getMessage()
-        for r in caplog.records
+        for r in pool_log.records()
     )
     keepalives = [g for g in pool_greenlets() if pool.name in g.name and "keepalive" in g.name]
     assert len(keepalives) <= 2  # one per connection at most: the failed checks ended
@@ -509,26 +454,17 @@ def test_check_after_that_hangs_is_bounded_by_connect_timeout(line_server, leak_
     leak_check()
 
 
-class NonePool(ConnectionPool[Any]):
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.05
-
-    def _new_connection(self) -> Any:
-        return None
-
-
-def test_new_connection_returning_none_is_a_failed_connect(leak_check, caplog):
+def test_new_connection_returning_none_is_a_failed_connect(leak_check, pool_log):
     """_new_connection() returning None is a failed attempt: retried, logged once at WARNING, and named in
     the PoolTimeout of a caller."""
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with NonePool(2, name="returns-none") as pool:
+    with FakePool(2, factory=lambda: None, name="returns-none") as pool:
         wait_until(lambda: pool.stats().failed_connects >= 6)
         with pytest.raises(PoolTimeout, match=r"returned None") as raised, pool.get(timeout=0.1):
             pass
         assert isinstance(raised.value.__cause__, TypeError)
         s = pool.stats()
         assert (s.opened, s.idle, s.connecting) == (0, 0, 2)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [r for r in pool_log.records() if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "returned None" in warnings[0].getMessage()
     leak_check()
 
@@ -541,9 +477,8 @@ class RaisingClosePool(LineTrackingPool):
         raise RuntimeError("close failed")
 
 
-def test_close_connection_raising_is_logged_and_ignored(line_server, leak_check, caplog):
+def test_close_connection_raising_is_logged_and_ignored(line_server, leak_check, pool_log):
     """_close_connection() raising neither stops a discard's replacement nor close()."""
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
     pool = RaisingClosePool(line_server, 2, name="raising-close")
     pool.wait(timeout=5)
     with pytest.raises(OSError), pool.get():
@@ -552,7 +487,7 @@ def test_close_connection_raising_is_logged_and_ignored(line_server, leak_check,
     assert pool.stats().discarded == 1
     check_recovered(pool)
     check_closed(pool)
-    failures = [r for r in caplog.records if "_close_connection() failed" in r.getMessage()]
+    failures = [r for r in pool_log.records() if "_close_connection() failed" in r.getMessage()]
     assert len(failures) == 3 and all(r.levelno == logging.DEBUG and r.exc_info for r in failures)
     wait_until(lambda: line_server.closed == line_server.accepted)
     leak_check()
@@ -567,12 +502,12 @@ def test_holder_closing_the_connection_gives_the_next_user_a_clear_error(line_se
         c.close()
     with gevent.Timeout(5, AssertionError("the next user hung")):
         with pytest.raises(OSError):
-            line_echo(pool, b"next")
+            request(pool, b"ECHO next")
         pool.wait(timeout=5)
-        assert line_echo(pool, b"fresh") == b"fresh"
+        assert request(pool, b"ECHO fresh") == b"fresh"
         with pool.get() as c:
             c.close()
-        assert retry(line_echo, max_failures=1)(pool, b"retried") == b"retried"
+        assert retry(request, max_failures=1)(pool, b"ECHO retried") == b"retried"
     assert pool.stats().discarded == 2
     check_recovered(pool)
     check_closed(pool)
@@ -580,31 +515,6 @@ def test_holder_closing_the_connection_gives_the_next_user_a_clear_error(line_se
 
 
 # -- faults these tests found (fixed in 88c5f62) ---------------------------------------------------------
-
-
-class FakeConn:
-    """A scripted in-memory connection: it counts its closes."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.closed = 0
-
-    def close(self) -> None:
-        self.closed += 1
-
-
-class FakePool(ConnectionPool[FakeConn]):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.conns: List[FakeConn] = []
-        super().__init__(*args, **kwargs)
-
-    def _new_connection(self) -> FakeConn:
-        conn = FakeConn(len(self.conns))
-        self.conns.append(conn)
-        return conn
-
-    def _keepalive(self, c: FakeConn) -> None:
-        pass
 
 
 _block_the_hub = get_original("time", "sleep")
@@ -623,11 +533,8 @@ def test_close_right_after_keepalive_checks_are_scheduled_closes_every_connectio
     leak_check()
 
 
-class OwnTimeoutPool(ConnectionPool[socket.socket]):
+class OwnTimeoutPool(FastReconnect, ConnectionPool[socket.socket]):
     """A pool whose _new_connection bounds its own connect with ``with gevent.Timeout(0.2):``."""
-
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.05
 
     def __init__(self, address, *args: Any, **kwargs: Any) -> None:
         self.address = address
@@ -671,25 +578,6 @@ def test_a_lease_entered_again_raises_instead_of_sharing_the_connection(leak_che
     leak_check()
 
 
-class PlainPool(ConnectionPool[socket.socket]):
-    """The README's pool: a plain TCP connect, no handshake, and a PING keepalive."""
-
-    RECONNECT_DELAY = 0.01
-    RECONNECT_MAX_DELAY = 0.25
-
-    def __init__(self, address: Any, *args: Any, **kwargs: Any) -> None:
-        self.address = address
-        super().__init__(*args, **kwargs)
-
-    def _new_connection(self) -> socket.socket:
-        return socket.create_connection(self.address, timeout=5)
-
-    def _keepalive(self, c: socket.socket) -> None:
-        c.sendall(b"PING\n")
-        if recv_line(c) != b"PONG":
-            raise OSError("keepalive: no PONG")
-
-
 @pytest.mark.watchdog(30)
 def test_get_timeout_bounds_check_after_in_a_black_hole(line_server, leak_check):
     """Behind a load balancer that accepts connections but never answers, get(timeout=1) with check_after
@@ -697,7 +585,7 @@ def test_get_timeout_bounds_check_after_in_a_black_hole(line_server, leak_check)
     hole = FaultProxy(line_server.address)
     hole.start()
     try:
-        with PlainPool(hole.address, 2, check_after=0.05, connect_timeout=0.3, name="check-in-hole") as pool:
+        with FastLinePool(hole, 2, check_after=0.05, connect_timeout=0.3, name="check-in-hole") as pool:
             pool.wait(timeout=5)
             hole.blackhole()  # new connects still succeed: the proxy accepts them
             filled = time.monotonic()

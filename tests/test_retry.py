@@ -9,34 +9,14 @@ import traceback
 
 import gevent
 import pytest
-from core_pools import RecordingLinePool
+from doubles import Flaky, RecordingLinePool
 from greenlet import GreenletExit
 from helpers import recv_line, wait_until
 
 from geventconnpool import retry
 
-LOGGER_NAME = "tests.retry"
 RETRY_MESSAGE = "Connection broken in '{f}' (error: '{e}'); retrying with new connection."
 GIVE_UP_MESSAGE = "Max retries reached for '{f}'. Aborting."
-
-
-class Flaky:
-    """A callable that raises the given exceptions in turn, then returns 'done'; it keeps what it raised."""
-
-    def __init__(self, *errors):
-        self.errors = list(errors)
-        self.raised = []
-        self.calls = 0
-        self.__name__ = "flaky"
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        self.args = (args, kwargs)
-        if self.errors:
-            error = self.errors.pop(0)
-            self.raised.append(error)
-            raise error
-        return "done"
 
 
 def failing(calls, make_error=lambda n: OSError(f"failure {n}")):
@@ -50,17 +30,6 @@ def failing(calls, make_error=lambda n: OSError(f"failure {n}")):
     return operation
 
 
-def logged(caplog):
-    """The (level, message) pairs that the test logger emitted."""
-    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER_NAME]
-
-
-@pytest.fixture
-def log(caplog):
-    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
-    return logging.getLogger(LOGGER_NAME)
-
-
 def test_bare_decorator():
     """Bare @retry re-runs the function after OSError until it succeeds, with its arguments each time."""
     flaky = Flaky(OSError("a"), ConnectionResetError("b"), socket.timeout("c"))
@@ -69,7 +38,7 @@ def test_bare_decorator():
     def operation(x, y=0):
         return flaky(x, y=y)
 
-    assert operation(1, y=2) == "done"
+    assert operation(1, y=2) == "ok"
     assert flaky.calls == 4
     assert flaky.args == ((1,), {"y": 2})
 
@@ -82,7 +51,7 @@ def test_decorator_with_keywords():
     def operation():
         return flaky()
 
-    assert operation() == "done"
+    assert operation() == "ok"
     assert flaky.calls == 3
 
 
@@ -90,14 +59,14 @@ def test_call_form():
     """retry(f, **options) wraps f directly."""
     flaky = Flaky(KeyError("a"))
     wrapped = retry(flaky, exc_classes=(KeyError,), max_failures=1)
-    assert wrapped() == "done"
+    assert wrapped() == "ok"
     assert flaky.calls == 2
 
 
-def test_functools_partial_codifies_options(log, caplog):
+def test_functools_partial_codifies_options(retry_log):
     """functools.partial(retry, ...) works as a house decorator, bare or called, with the codified options."""
     network_retry = functools.partial(
-        retry, exc_classes=(OSError, imaplib.IMAP4.error), logger=log, max_failures=2
+        retry, exc_classes=(OSError, imaplib.IMAP4.error), logger=retry_log.logger, max_failures=2
     )
     first = Flaky(imaplib.IMAP4.error("NO"), OSError("reset"))
     second = Flaky(imaplib.IMAP4.abort("BYE"))
@@ -110,10 +79,10 @@ def test_functools_partial_codifies_options(log, caplog):
     def store():
         return second()
 
-    assert fetch() == "done"
-    assert store() == "done"
+    assert fetch() == "ok"
+    assert store() == "ok"
     assert (first.calls, second.calls) == (3, 2)
-    assert [level for level, _ in logged(caplog)] == [logging.INFO] * 3
+    assert [level for level, _ in retry_log.entries()] == [logging.INFO] * 3
     calls = []
     doomed = network_retry(failing(calls))
     with pytest.raises(OSError):
@@ -121,7 +90,7 @@ def test_functools_partial_codifies_options(log, caplog):
     assert len(calls) == 3
 
 
-def test_nine_original_parameters_by_position(log, caplog):
+def test_nine_original_parameters_by_position(retry_log):
     """The nine 0.2.1 parameters keep their order and names, and work when passed by position."""
     names = list(inspect.signature(retry).parameters)[:9]
     assert names == [
@@ -137,13 +106,24 @@ def test_nine_original_parameters_by_position(log, caplog):
     ]
     flaky = Flaky(ValueError("one"), ValueError("two"), ValueError("three"))
     wrapped = retry(
-        flaky, (ValueError,), log, logging.WARNING, "again {f}: {e}", 1, 0, logging.CRITICAL, "stop {f}: {e}"
+        flaky,
+        (ValueError,),
+        retry_log.logger,
+        logging.WARNING,
+        "again {f}: {e}",
+        1,
+        0,
+        logging.CRITICAL,
+        "stop {f}: {e}",
     )
     with pytest.raises(ValueError) as info:
         wrapped()
     assert info.value is flaky.raised[1]
     assert flaky.calls == 2
-    assert logged(caplog) == [(logging.WARNING, "again flaky: one"), (logging.CRITICAL, "stop flaky: two")]
+    assert retry_log.entries() == [
+        (logging.WARNING, "again flaky: one"),
+        (logging.CRITICAL, "stop flaky: two"),
+    ]
 
 
 def test_documented_defaults():
@@ -159,13 +139,13 @@ def test_documented_defaults():
     assert defaults["max_failure_log_message"] == GIVE_UP_MESSAGE
 
 
-def test_default_messages_exactly(log, caplog):
+def test_default_messages_exactly(retry_log):
     """With a logger the messages are the documented ones, {f} the function's __name__ and {e} the error."""
     calls = []
-    operation = retry(failing(calls), logger=log, max_failures=1)
+    operation = retry(failing(calls), logger=retry_log.logger, max_failures=1)
     with pytest.raises(OSError):
         operation()
-    assert logged(caplog) == [
+    assert retry_log.entries() == [
         (
             logging.INFO,
             "Connection broken in 'operation' (error: 'failure 1'); retrying with new connection.",
@@ -174,12 +154,12 @@ def test_default_messages_exactly(log, caplog):
     ]
 
 
-def test_custom_messages_and_levels(log, caplog):
+def test_custom_messages_and_levels(retry_log):
     """Custom messages and levels are used, with {f} and {e} filled in both."""
     calls = []
     operation = retry(
         failing(calls),
-        logger=log,
+        logger=retry_log.logger,
         max_failures=2,
         retry_log_level=logging.DEBUG,
         retry_log_message="{f} failed with {e}",
@@ -188,7 +168,7 @@ def test_custom_messages_and_levels(log, caplog):
     )
     with pytest.raises(OSError):
         operation()
-    assert logged(caplog) == [
+    assert retry_log.entries() == [
         (logging.DEBUG, "operation failed with failure 1"),
         (logging.DEBUG, "operation failed with failure 2"),
         (logging.WARNING, "operation gave up on failure 3"),
@@ -229,18 +209,18 @@ def test_no_sleep_before_the_final_raise():
     assert len(calls) == 1
 
 
-def test_one_log_line_per_failed_attempt(log, caplog):
+def test_one_log_line_per_failed_attempt(retry_log):
     """Each failed attempt logs exactly one line; the one that gives up logs only the give-up message."""
     calls = []
-    operation = retry(failing(calls), logger=log, max_failures=3)
+    operation = retry(failing(calls), logger=retry_log.logger, max_failures=3)
     with pytest.raises(OSError):
         operation()
-    assert [level for level, _ in logged(caplog)] == [logging.INFO] * 3 + [logging.ERROR]
-    assert sum("retrying" in message for _, message in logged(caplog)) == 3
-    caplog.clear()
+    assert [level for level, _ in retry_log.entries()] == [logging.INFO] * 3 + [logging.ERROR]
+    assert sum("retrying" in message for _, message in retry_log.entries()) == 3
+    retry_log.clear()
     flaky = Flaky(OSError("x"), OSError("y"))
-    assert retry(flaky, logger=log, max_failures=3)() == "done"
-    assert [level for level, _ in logged(caplog)] == [logging.INFO] * 2
+    assert retry(flaky, logger=retry_log.logger, max_failures=3)() == "ok"
+    assert [level for level, _ in retry_log.entries()] == [logging.INFO] * 2
 
 
 def test_without_logger_nothing_is_logged(caplog):
@@ -255,19 +235,19 @@ def test_without_logger_nothing_is_logged(caplog):
 def test_unlimited_by_default():
     """max_failures=None (the default) keeps retrying until the function succeeds."""
     flaky = Flaky(*[OSError(n) for n in range(50)])
-    assert retry(flaky)() == "done"
+    assert retry(flaky)() == "ok"
     assert flaky.calls == 51
 
 
-def test_other_exceptions_propagate_at_once(log, caplog):
+def test_other_exceptions_propagate_at_once(retry_log):
     """An exception outside exc_classes propagates on the first failure, without a log line."""
     error = ValueError("not the network")
     flaky = Flaky(error)
     with pytest.raises(ValueError) as info:
-        retry(flaky, logger=log)()
+        retry(flaky, logger=retry_log.logger)()
     assert info.value is error
     assert flaky.calls == 1
-    assert logged(caplog) == []
+    assert retry_log.entries() == []
 
 
 def test_interval_is_slept_with_gevent():
@@ -284,12 +264,12 @@ def test_interval_is_slept_with_gevent():
         seen.append(len(ticks))
         if len(seen) < 3:
             raise OSError("again")
-        return "done"
+        return "ok"
 
     side = gevent.spawn(ticker)
     try:
         ticks.clear()
-        assert retry(operation, interval=0.02)() == "done"
+        assert retry(operation, interval=0.02)() == "ok"
     finally:
         side.kill()
     assert seen[0] < seen[1] < seen[2]
@@ -328,8 +308,8 @@ def test_methods():
             return self.flaky()
 
     a, b = Service(2), Service(1)
-    assert a.call("x") == ("done", a)
-    assert b.call("y") == ("done", b)
+    assert a.call("x") == ("ok", a)
+    assert b.call("y") == ("ok", b)
     assert (a.flaky.calls, b.flaky.calls) == (3, 2)
     assert a.flaky.args == (("x",), {})
     c = Service(1)
@@ -354,16 +334,16 @@ def test_exception_class_where_the_function_belongs(where):
     [lambda: gevent.Timeout(), GreenletExit, KeyboardInterrupt, SystemExit],
     ids=["Timeout", "GreenletExit", "KeyboardInterrupt", "SystemExit"],
 )
-def test_stop_exceptions_are_never_retried(make_error, log, caplog):
+def test_stop_exceptions_are_never_retried(make_error, retry_log):
     """Timeout, GreenletExit, KeyboardInterrupt and SystemExit are never retried, even for BaseException."""
     calls = []
     error = make_error()
-    operation = retry(failing(calls, lambda n: error), exc_classes=BaseException, logger=log)
+    operation = retry(failing(calls, lambda n: error), exc_classes=BaseException, logger=retry_log.logger)
     with pytest.raises(type(error)) as info:
         operation()
     assert info.value is error
     assert len(calls) == 1
-    assert logged(caplog) == []
+    assert retry_log.entries() == []
 
 
 def test_a_real_timeout_is_not_retried():
@@ -399,12 +379,17 @@ def test_a_killed_greenlet_is_not_retried():
     assert len(calls) == 1
 
 
-def test_documented_usage_with_a_real_pool(line_server, log, caplog, leak_check):
+def test_documented_usage_with_a_real_pool(line_server, retry_log, leak_check):
     """The README's @retry senddata succeeds on a fresh connection after the server cut all pooled ones."""
     attempts = []
     with RecordingLinePool(line_server, 3) as pool:
 
-        @retry(exc_classes=(socket.error, imaplib.IMAP4.error), logger=log, max_failures=5, interval=0.001)
+        @retry(
+            exc_classes=(socket.error, imaplib.IMAP4.error),
+            logger=retry_log.logger,
+            max_failures=5,
+            interval=0.001,
+        )
         def senddata(data):
             attempts.append(1)
             with pool.get() as c:
@@ -422,7 +407,7 @@ def test_documented_usage_with_a_real_pool(line_server, log, caplog, leak_check)
         assert 2 <= len(attempts) <= 4  # at most the 3 broken connections, then a fresh one
         assert pool.stats().discarded == len(attempts) - 1
         assert len(pool.dropped) == len(attempts) - 1
-        messages = logged(caplog)
+        messages = retry_log.entries()
         assert len(messages) == len(attempts) - 1
         for level, message in messages:
             assert level == logging.INFO
