@@ -3,14 +3,12 @@
 The second line of each docstring says what 0.2.1 did.
 """
 
-import logging
-
 import gevent
 import pytest
 from doubles import FLAVOURS, FakePool, FalsyConn, FastLinePool, RecordingLinePool
 from helpers import LineServer, pool_greenlets, recv_line, request, wait_until
 
-from geventconnpool import ConnectionPool, PoolTimeout, retry
+from geventconnpool import ConnectionPool, PoolTimeout
 
 
 @pytest.mark.parametrize("down", ["at_construction", "after_fill"])
@@ -105,102 +103,6 @@ def test_defect1_any_exception_is_a_failed_attempt(leak_check):
         with pool.get() as c:
             assert c is conn
     leak_check()
-
-
-def test_defect1_handshake_timeout_in_new_connection_does_not_shrink_the_pool(leak_check):
-    """A gevent.Timeout that _new_connection's own handshake lets escape is a failed attempt, retried.
-
-    0.2.1: any exception from _new_connection() killed the refill greenlet and shrank the pool for ever.
-    """
-    conn = object()
-
-    def factory():
-        if pool_calls == []:
-            pool_calls.append(1)
-            with gevent.Timeout(0.01):  # a login step that takes too long, written the gevent way
-                gevent.sleep(10)
-        return conn
-
-    pool_calls = []
-    with FakePool(1, factory=factory) as pool:
-        pool.wait(timeout=2)
-        assert pool.connect_calls == 2
-        assert pool.stats().failed_connects == 1
-        with pool.get() as c:
-            assert c is conn
-    leak_check()
-
-
-def test_defect2_discarded_connections_are_closed(line_server, leak_check):
-    """Each discarded connection is closed through _close_connection at once: the server sees it closed.
-
-    0.2.1: a discarded connection was dropped, never closed: a descriptor leaked per failure while referenced.
-    """
-    victims = []
-    with RecordingLinePool(line_server, 2) as pool:
-        pool.wait(timeout=5)
-        for n in range(5):
-            with pytest.raises(OSError), pool.get() as c:
-                victims.append(c)  # still referenced here, so garbage collection cannot close it
-                raise OSError(f"broken {n}")
-            pool.wait(timeout=5)
-        assert pool.dropped == victims
-        assert all(v.fileno() == -1 for v in victims)
-        wait_until(lambda: line_server.closed == 5)
-        line_server.wait_for_accepted(7)
-        assert len(line_server.open) == 2
-    leak_check()
-
-
-class SlowToReconnectPool(RecordingLinePool):
-    """A pool whose failure backoff is very long: a replacement that waited for it would never come."""
-
-    RECONNECT_DELAY = 100.0
-    RECONNECT_MAX_DELAY = 100.0
-
-
-def test_defect3_replacement_starts_at_once(line_server, leak_check):
-    """A discarded connection's replacement starts opening right away, with no delay, not even the backoff.
-
-    0.2.1: the replacement was scheduled with gevent.spawn_later(1, ...): a fixed second without a connection.
-    """
-    with SlowToReconnectPool(line_server, 1) as pool:
-        pool.wait(timeout=5)
-        with pytest.raises(OSError), pool.get():
-            raise OSError("broken")
-        assert pool.calls == 1
-        gevent.sleep(0)  # one turn of the event loop
-        assert pool.calls == 2
-        pool.wait(timeout=5)
-        assert request(pool, b"PING") == b"PONG"
-        assert line_server.accepted == 2
-    leak_check()
-
-
-def test_defect4_retry_keyword_arguments_and_logging(caplog):
-    """@retry(...) with keywords works, and its log lines name the function by __name__, one line per failure.
-
-    0.2.1: @retry(logger=...) raised TypeError (f was required), logging used Python 2's func_name, and the
-    failure that gave up first logged a false "retrying" line and slept the interval before raising.
-    """
-    caplog.set_level(logging.INFO, logger="tests.defect4")
-    log = logging.getLogger("tests.defect4")
-    attempts = []
-
-    @retry(exc_classes=(OSError,), logger=log, max_failures=2, interval=0)
-    def senddata(data):
-        attempts.append(data)
-        raise OSError("reset by peer")
-
-    with pytest.raises(OSError, match="reset by peer"):
-        senddata(b"x")
-    assert attempts == [b"x"] * 3
-    again = "Connection broken in 'senddata' (error: 'reset by peer'); retrying with new connection."
-    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tests.defect4"] == [
-        (logging.INFO, again),
-        (logging.INFO, again),
-        (logging.ERROR, "Max retries reached for 'senddata'. Aborting."),
-    ]
 
 
 def interrupt_by_timeout(pool, server):

@@ -23,7 +23,7 @@ from gevent import socket
 from gevent.monkey import get_original, is_module_patched
 from helpers import LinePool, LineServer, recv_line, wait_until
 
-from geventconnpool import ConnectionPool
+from geventconnpool import ConnectionPool, PoolTimeout
 
 start_new_thread = get_original("_thread", "start_new_thread")
 
@@ -171,9 +171,9 @@ def talk(sock: socket.socket, command: str) -> str:
 
 
 class TracingPool(LinePool):
-    handshake = False
-
     """A LinePool whose keepalive and closes say which process did them, on which connection."""
+
+    handshake = False  # SlowCheckPool: whether _new_connection has a slow handshake
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.closes: List[Dict[str, int]] = []
@@ -193,10 +193,8 @@ class TracingPool(LinePool):
 
 def own_ports(pool: ConnectionPool[socket.socket]) -> Set[int]:
     """The local ports of every connection the pool has open now (borrowing them all)."""
-    ports = set()
     with pool.get(timeout=5) as a, pool.get(timeout=5) as b:
-        ports = {local_port(a), local_port(b)}
-    return ports
+        return {local_port(a), local_port(b)}
 
 
 def commands_by(server: LineServer, pid: int) -> List[List[str]]:
@@ -282,7 +280,7 @@ def test_child_never_closes_or_pings_the_parents_connections(fork, threaded_serv
             before = len(pool.closes)
             gevent.sleep(0.2)  # ten keepalive periods without touching the pool
             ports = own_ports(pool)
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # five more periods, then close: the child must touch none of the parent's
             pool.close()
             return {
                 "pid": os.getpid(),
@@ -320,7 +318,7 @@ def test_child_closing_the_pool_before_using_it_leaves_the_parents_connections(
         def child() -> Dict[str, Any]:
             s = pool.stats()
             pool.close()
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # time for a wrong close to happen: a negative check
             return {
                 "gauges": [s.idle, s.in_use, s.connecting, s.size],
                 "counters": [s.checkouts, s.opened],
@@ -358,7 +356,7 @@ def test_a_close_pending_at_fork_is_not_done_by_the_child(fork, threaded_server,
 
         def child() -> Dict[str, Any]:
             pool.close()
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # time for a wrong close to happen: a negative check
             return {"closes": [c for c in pool.closes if c["pid"] == os.getpid()]}
 
         report = run_child(fork, child)
@@ -451,17 +449,25 @@ def test_fork_of_a_pool_whose_remote_is_down(fork, leak_check):
 
     with FastLinePool(server, 1, timeout=0.2) as pool:
         wait_until(lambda: pool.stats().failed_connects >= 1)
+        with pytest.raises(PoolTimeout):
+            pool.get(timeout=0).__enter__()
+        assert pool.stats().timeouts == 1
 
         def child() -> Dict[str, Any]:
+            with pytest.raises(PoolTimeout):
+                pool.get().__enter__()  # the remote is still down
+            back = LineServer(server.port)  # the remote comes back, served by the child itself
+            back.start()
             try:
-                with pool.get():
-                    pass
-            except OSError as error:  # PoolTimeout: the remote is still down
-                return {"error": type(error).__name__, "stats": [pool.stats().opened, pool.stats().size]}
-            return {"error": None}
+                pool.wait(timeout=5)
+                reply = talk(pool.get(timeout=5).__enter__(), "ECHO child")
+                s = pool.stats()
+                return {"reply": reply, "counters": [s.opened, s.checkouts, s.timeouts]}
+            finally:
+                back.stop()
 
         report = run_child(fork, child)
-        assert report == {"error": "PoolTimeout", "stats": [0, 1]}
+        assert report == {"reply": "child", "counters": [1, 1, 1]}  # not the parent's timeout too
     leak_check()
 
 
