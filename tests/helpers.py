@@ -53,6 +53,11 @@ def pool_greenlets() -> Set[greenlet.greenlet]:
     }
 
 
+def local_port(sock: socket.socket) -> int:
+    """The local port of a connected socket: which of the pool's connections it is, seen from the server."""
+    return int(sock.getsockname()[1])
+
+
 class LineServer:
     """A real TCP server on 127.0.0.1 speaking a line protocol, with what a test needs to watch and break it.
 

@@ -21,7 +21,7 @@ import pytest
 from doubles import FastLinePool
 from gevent import socket
 from gevent.monkey import get_original, is_module_patched
-from helpers import LinePool, LineServer, recv_line, wait_until
+from helpers import LinePool, LineServer, local_port, recv_line, wait_until
 
 from geventconnpool import ConnectionPool, PoolTimeout
 
@@ -159,10 +159,6 @@ def run_child(
     report = json.loads(b"".join(chunks))
     assert "error" not in report, "the child failed:\n" + report["error"]
     return report["result"]
-
-
-def local_port(sock: socket.socket) -> int:
-    return sock.getsockname()[1]
 
 
 def talk(sock: socket.socket, command: str) -> str:
