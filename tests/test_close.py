@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import time
+import weakref
 from typing import Any, Dict, List
 
 import gevent
@@ -237,4 +240,41 @@ def test_close_during_an_outage_ends_every_caller(leak_check, redis, proxy):
     assert ended == dict.fromkeys(range(50), PoolClosed)
     check_closed(pool, proxy=proxy)
     proxy.stop()
+    leak_check()
+
+
+# -- without close() ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["full", "reconnecting"])
+def test_a_dropped_pool_is_collected_and_its_greenlets_end(state, line_server, caplog, leak_check):
+    """A pool that nobody refers to any more, never closed, is garbage-collected, and its background
+    greenlets (connects, maintenance, keepalive checks) end: they hold it only by weak reference.
+    """
+    # pytest keeps every log record of a test, and the record of a failed connect keeps the error, whose
+    # traceback holds the pool's frames: the pool logs nothing here, so that only the pool's own references
+    # count.
+    caplog.set_level(logging.CRITICAL + 1, logger="geventconnpool")
+    name = f"dropped-{state}"
+    if state == "reconnecting":
+        line_server.stop()  # every connect fails: the connect greenlets wait in their backoff
+
+    def make_and_drop() -> weakref.ref[FastLinePool]:
+        pool = FastLinePool(line_server, 2, keepalive=0.01, max_lifetime=60, leak_warning=60, name=name)
+        if state == "full":
+            pool.wait(timeout=5)
+            wait_until(lambda: [g for g in pool_greenlets() if f"{name} keepalive" in g.name])
+        else:
+            wait_until(lambda: pool.stats().failed_connects >= 4)
+        assert [g for g in pool_greenlets() if name in g.name]
+        return weakref.ref(pool)
+
+    collected = make_and_drop()
+
+    def gone() -> bool:
+        gc.collect()
+        return collected() is None
+
+    wait_until(gone, interval=0.05)
+    wait_until(lambda: not [g for g in pool_greenlets() if name in g.name])
     leak_check()
