@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple, TypeVar
 
 import gevent
 import greenlet
@@ -14,6 +14,8 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from geventconnpool import ConnectionPool
+
+C = TypeVar("C")
 
 
 def wait_until(
@@ -174,6 +176,19 @@ def recv_line(sock: socket.socket) -> bytes:
             raise ConnectionError("the server closed the connection")
         data += chunk
     return data[:-1]
+
+
+def raise_in_block(pool: ConnectionPool[C], error: BaseException) -> C:
+    """Raise ``error`` inside ``with pool.get() as c:``; check that it comes out unchanged; return ``c``."""
+    held: List[C] = []
+    try:
+        with pool.get() as c:
+            held.append(c)
+            raise error
+    except BaseException as raised:
+        if raised is not error:
+            raise
+    return held[0]
 
 
 def request(pool: ConnectionPool[socket.socket], command: bytes) -> bytes:

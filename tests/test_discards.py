@@ -11,7 +11,7 @@ import pytest
 from doubles import FLAVOURS, FakePool, FastLinePool, LineTrackingPool, RecordingLinePool
 from gevent import socket
 from gevent.event import Event
-from helpers import LineServer, recv_line, request, wait_until
+from helpers import LineServer, raise_in_block, recv_line, request, wait_until
 from reliability_checks import check_closed, check_recovered
 
 from geventconnpool import PoolTimeout, PoolUnavailable, retry
@@ -30,11 +30,7 @@ def test_exc_classes_error_discards_closes_and_replaces(flavour, line_server, le
     """
     with RecordingLinePool(line_server, 2, **FLAVOURS[flavour]) as pool:
         pool.wait(timeout=5)
-        error = OSError("the peer spoke nonsense")
-        with pytest.raises(OSError) as info, pool.get() as c:
-            victim = c
-            raise error
-        assert info.value is error
+        victim = raise_in_block(pool, OSError("the peer spoke nonsense"))
         assert pool.dropped == [victim]
         assert victim.fileno() == -1
         # One turn of the event loop: the replacement starts in it, not after a delay or the backoff.
@@ -56,13 +52,10 @@ def test_exc_classes_as_a_single_class(line_server, leak_check):
     with RecordingLinePool(line_server, 1, exc_classes=ValueError) as pool:
         assert pool.exc_classes == (ValueError,)
         pool.wait(timeout=5)
-        with pytest.raises(OSError), pool.get() as c:
-            first = c
-            raise OSError("not in exc_classes here")
+        first = raise_in_block(pool, OSError("not in exc_classes here"))
         with pool.get() as c:
             assert c is first
-        with pytest.raises(ValueError), pool.get() as c:
-            raise ValueError("broken")
+        raise_in_block(pool, ValueError("broken"))
         assert pool.dropped == [first]
         pool.wait(timeout=5)
         with pool.get() as c:
@@ -98,11 +91,7 @@ def test_custom_exc_classes_with_imap_errors(line_server, leak_check, error_clas
         with pytest.raises(imaplib.IMAP4.error, match="NO no such mailbox"):
             imap_select(pool, b"NO no such mailbox")
         pool.wait(timeout=5)
-        error = error_class("the server gave up")
-        with pytest.raises(error_class) as info, pool.get() as c:
-            second = c
-            raise error
-        assert info.value is error
+        second = raise_in_block(pool, error_class("the server gave up"))
         assert pool.dropped == [first, second]
         pool.wait(timeout=5)
         third = imap_select(pool, b"OK selected")
@@ -130,10 +119,7 @@ def test_subclasses_of_exc_classes_discard(error, leak_check):
     exc_classes = (OSError, imaplib.IMAP4.error)
     with FakePool(1, exc_classes=exc_classes) as pool:
         pool.wait(timeout=5)
-        with pytest.raises(type(error)) as info, pool.get() as c:
-            victim = c
-            raise error
-        assert info.value is error
+        victim = raise_in_block(pool, error)
         assert pool.close_calls == [victim]
         assert victim.closed == 1
         pool.wait(timeout=5)
@@ -268,9 +254,7 @@ def test_close_connection_override_gets_the_discarded_object(leak_check):
     """An overridden _close_connection gets the discarded object, and replaces the default close()."""
     with OwnClosePool(1) as pool:
         pool.wait(timeout=5)
-        with pytest.raises(TimeoutError), pool.get() as c:
-            victim = c
-            raise TimeoutError("a timeout is an OSError")
+        victim = raise_in_block(pool, TimeoutError("a timeout is an OSError"))
         assert pool.close_calls == [victim]
         assert victim.closed == 0
         pool.wait(timeout=5)
@@ -292,10 +276,7 @@ def test_close_connection_raising_is_logged_and_ignored(line_server, leak_check,
     replacement, nor close()."""
     pool = RaisingClosePool(line_server, 2, name="raising-close")
     pool.wait(timeout=5)
-    error = OSError("broken")
-    with pytest.raises(OSError) as info, pool.get():
-        raise error
-    assert info.value is error
+    raise_in_block(pool, OSError("broken"))
     pool.wait(timeout=5)
     assert pool.stats().discarded == 1
     check_recovered(pool)
@@ -312,11 +293,7 @@ def test_a_hanging_close_connection_is_bounded_by_connect_timeout(caplog, leak_c
     with FakePool(1, connect_timeout=0.2) as pool:
         pool.close_gates.append(Event())  # the first close waits for a goodbye that a dead peer never sends
         pool.wait(timeout=5)
-        error = OSError("broken")
-        with pytest.raises(OSError) as info, pool.get() as c:
-            victim = c
-            raise error
-        assert info.value is error
+        victim = raise_in_block(pool, OSError("broken"))
         assert pool.close_calls == [victim]
         timeouts = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], TimeoutError)]
         assert [r.levelno for r in timeouts] == [logging.DEBUG]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import gevent
 import pytest
 from doubles import FastRedisPool, LineTrackingPool
+from faultproxy import FaultProxy
 from gevent.event import Event
 from greenlet import GreenletExit
 from helpers import recv_line, wait_until
@@ -27,6 +28,23 @@ from geventconnpool import PoolTimeout, retry
 # Starting redis-server forks this process, which gevent's resolver thread makes multi-threaded: the
 # child execs at once, so Python 3.12+'s warning about fork() in a threaded process does not apply.
 pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
+
+def echo_each(pool: TrackingPool, label: str, count: int) -> None:
+    """Send ``count`` ECHO requests one after another; each must get its own token back."""
+    for n in range(count):
+        token = f"{label}-{n}"
+        assert echo(pool, token) == token.encode()
+
+
+def end_of_scenario(pool: TrackingPool, proxy: FaultProxy, redis: RedisServer, leak_check: Any) -> None:
+    """How every scenario behind the proxy ends: the pool whole again, the network agreeing, then closed,
+    and nothing leaked."""
+    check_recovered(pool, proxy=proxy, redis=redis)
+    check_closed(pool, proxy=proxy)
+    proxy.stop()  # before the leak check: the proxy's sockets are this process's too
+    leak_check()
+
 
 # -- the remote is down when the pool starts -------------------------------------------------------
 
@@ -131,14 +149,10 @@ def test_idle_cutoff_never_reached_with_keepalive(leak_check, redis, proxy):
     # Quiet for longer than the cut-off: only the keepalive speaks (6 pings take >= 2.5 s).
     wait_until(lambda: all(_link_requests(link) >= 7 for link in links), timeout=20)
     assert [link.how for link in proxy.links if link.closed] == []
-    for n in range(50):
-        assert echo(pool, f"after-quiet-{n}") == f"after-quiet-{n}".encode()
+    echo_each(pool, "after-quiet", 50)
     s = pool.stats()
     assert (s.discarded, s.keepalive_failures, s.opened) == (0, 0, 4)
-    check_recovered(pool, proxy=proxy, redis=redis)
-    check_closed(pool, proxy=proxy)
-    proxy.stop()
-    leak_check()
+    end_of_scenario(pool, proxy, redis, leak_check)
 
 
 @needs_redis
@@ -151,21 +165,16 @@ def test_idle_cutoff_caught_by_check_after(leak_check, redis, proxy):
     pool.wait(timeout=10)
     first = set(pool.owned_ports())
     wait_until(lambda: {link.port for link in proxy.links if link.how == "idle"} == first, timeout=10)
-    for n in range(50):  # no retry: a cut connection lent to a caller would fail its request
-        assert echo(pool, f"after-cut-{n}") == f"after-cut-{n}".encode()
+    echo_each(pool, "after-cut", 50)  # no retry: a cut connection lent to a caller would fail its request
     s = pool.stats()
     assert s.keepalive_failures >= 1 and s.discarded == s.keepalive_failures
     assert not first & pool.owned_ports()
     # A second quiet spell, shorter than the cut-off but longer than check_after: the checks pass.
     wait_until(lambda: time.monotonic() - max(link.last_active for link in proxy.open_links()) >= 0.6)
     failures = s.keepalive_failures
-    for n in range(20):
-        assert echo(pool, f"short-quiet-{n}") == f"short-quiet-{n}".encode()
+    echo_each(pool, "short-quiet", 20)
     assert pool.stats().keepalive_failures == failures
-    check_recovered(pool, proxy=proxy, redis=redis)
-    check_closed(pool, proxy=proxy)
-    proxy.stop()
-    leak_check()
+    end_of_scenario(pool, proxy, redis, leak_check)
 
 
 # -- a black hole ----------------------------------------------------------------------------------
@@ -218,10 +227,7 @@ def test_black_hole_times_out_frees_slots_and_recovers(leak_check, redis, proxy)
     # 3. The hole closes.
     proxy.heal()
     pool.wait(timeout=5)
-    check_recovered(pool, proxy=proxy, redis=redis)
-    check_closed(pool, proxy=proxy)
-    proxy.stop()
-    leak_check()
+    end_of_scenario(pool, proxy, redis, leak_check)
 
 
 # -- 2,000 greenlets, a third of them killed -------------------------------------------------------

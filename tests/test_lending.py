@@ -7,7 +7,7 @@ import time
 import gevent
 import pytest
 from doubles import FLAVOURS, FakeConn, FakePool, LineTrackingPool, RecordingLinePool, holds
-from helpers import LinePool, recv_line, request, wait_until
+from helpers import LinePool, raise_in_block, recv_line, request, wait_until
 from reliability_checks import check_closed
 
 from geventconnpool import PoolError, PoolTimeout
@@ -80,11 +80,7 @@ def test_other_exception_returns_the_connection(flavour, line_server, leak_check
     """Any other Exception in the block propagates unchanged and the same connection is lent again."""
     with RecordingLinePool(line_server, 1, **FLAVOURS[flavour]) as pool:
         pool.wait(timeout=5)
-        error = KeyError("not a network problem")
-        with pytest.raises(KeyError) as info, pool.get() as c:
-            first = c
-            raise error
-        assert info.value is error
+        first = raise_in_block(pool, KeyError("not a network problem"))
         with pool.get() as c:
             assert c is first
             c.sendall(b"PING\n")
@@ -111,9 +107,7 @@ def test_black_box_connections(kind, leak_check):
         assert pool.connect_calls == 2
         with pool.get() as c:
             assert holds(pool.conns, c)
-        with pytest.raises(OSError), pool.get() as c:
-            victim = c
-            raise OSError("broken")
+        victim = raise_in_block(pool, OSError("broken"))
         assert pool.close_calls == [victim]
         if isinstance(victim, FakeConn):
             assert victim.closed == 1

@@ -15,7 +15,7 @@ import math
 import ssl
 import time
 import traceback
-from typing import List
+from typing import Any, List
 
 import gevent
 import pytest
@@ -44,6 +44,16 @@ def failing(calls, make_error=lambda n: OSError(f"failure {n}")):
         raise error  # the raising line
 
     return operation
+
+
+def waits_of(log: LogCapture, failures: float = math.inf, **options: Any) -> List[float]:
+    """The waits that retry(**options) logs while a Flaky fails ``failures`` times (for ever by default)."""
+    flaky = Flaky(failures=failures)
+    try:
+        retry(flaky, logger=log.logger, retry_log_message=WAITS, **options)()
+    except OSError:
+        pass  # it gave up
+    return logged_waits(log)
 
 
 def logged_waits(log: LogCapture) -> List[float]:
@@ -424,55 +434,26 @@ def test_a_template_must_be_a_string(argument):
 
 def test_default_backoff_keeps_the_interval_constant(retry_log):
     """Without backoff or jitter every wait is the interval, as in 0.2.1."""
-    f = Flaky(failures=math.inf)
-    with pytest.raises(OSError):
-        retry(f, logger=retry_log.logger, retry_log_message=WAITS, max_failures=4, interval=0.001)()
-    assert logged_waits(retry_log) == [0.001] * 4
-    assert f.calls == 5
+    assert waits_of(retry_log, max_failures=4, interval=0.001) == [0.001] * 4
 
 
 def test_backoff_multiplies_each_wait(retry_log):
     """With backoff=2.0 the k-th wait is interval * 2**(k-1)."""
-    f = Flaky(failures=math.inf)
-    with pytest.raises(OSError):
-        retry(
-            f, logger=retry_log.logger, retry_log_message=WAITS, max_failures=5, interval=0.001, backoff=2.0
-        )()
-    assert logged_waits(retry_log) == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016])
+    waits = waits_of(retry_log, max_failures=5, interval=0.001, backoff=2.0)
+    assert waits == pytest.approx([0.001, 0.002, 0.004, 0.008, 0.016])
 
 
 def test_max_interval_caps_every_wait(retry_log):
     """max_interval caps each wait of a fast-growing backoff."""
-    f = Flaky(failures=math.inf)
-    decorated = retry(
-        f,
-        logger=retry_log.logger,
-        retry_log_message=WAITS,
-        max_failures=5,
-        interval=0.001,
-        backoff=10,
-        max_interval=0.003,
-    )
-    with pytest.raises(OSError):
-        decorated()
-    assert logged_waits(retry_log) == pytest.approx([0.001, 0.003, 0.003, 0.003, 0.003])
+    waits = waits_of(retry_log, max_failures=5, interval=0.001, backoff=10, max_interval=0.003)
+    assert waits == pytest.approx([0.001, 0.003, 0.003, 0.003, 0.003])
 
 
 def test_backoff_never_overflows(retry_log):
     """A backoff whose powers overflow a float still gives capped waits, for hundreds of attempts."""
-    f = Flaky(failures=300)
-    decorated = retry(
-        f,
-        logger=retry_log.logger,
-        retry_log_message=WAITS,
-        max_failures=400,
-        interval=1e-9,
-        backoff=1e200,
-        max_interval=1e-5,
-    )
-    assert decorated() == "ok"
-    waits = logged_waits(retry_log)
-    assert len(waits) == 300
+    options = {"max_failures": 400, "interval": 1e-9, "backoff": 1e200, "max_interval": 1e-5}
+    waits = waits_of(retry_log, failures=300, **options)
+    assert len(waits) == 300  # then the call succeeded
     assert waits[0] == 1e-9 and all(w == 1e-5 for w in waits[1:])
 
 
@@ -493,20 +474,7 @@ def test_overflowing_wait_without_a_cap_gives_up_within_max_time(retry_log):
 @pytest.mark.parametrize("jitter", [0.5, 1.0])
 def test_jitter_spreads_each_wait_below_the_capped_value(retry_log, jitter):
     """With jitter j each wait lies in ((1 - j) * w, w], after the cap, and the waits differ."""
-    f = Flaky(failures=math.inf)
-    decorated = retry(
-        f,
-        logger=retry_log.logger,
-        retry_log_message=WAITS,
-        max_failures=30,
-        interval=0.5,
-        backoff=2.0,
-        max_interval=0.002,
-        jitter=jitter,
-    )
-    with pytest.raises(OSError):
-        decorated()
-    waits = logged_waits(retry_log)
+    waits = waits_of(retry_log, max_failures=30, interval=0.5, backoff=2.0, max_interval=0.002, jitter=jitter)
     assert len(waits) == 30
     assert all((1 - jitter) * 0.002 <= w <= 0.002 for w in waits), waits
     assert len(set(waits)) > 20  # 30 draws, from a continuous distribution
