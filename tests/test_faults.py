@@ -135,6 +135,7 @@ def test_redis_restarts_under_load_and_no_request_fails_or_crosses(leak_check, r
 
 
 def _link_requests(link) -> int:
+    """How many PING round trips went through a proxy link, counted from its bytes."""
     return link.bytes // len(b"*1\r\n$4\r\nPING\r\n+PONG\r\n")
 
 

@@ -70,6 +70,7 @@ class ServerThread:
 
 @pytest.fixture
 def threaded_server():
+    """A LineServer in its own OS thread, stopped at the end."""
     server = ServerThread()
     server.start()
     try:
@@ -99,6 +100,7 @@ FORKS = {"os.fork": os_fork, "plain-fork+reinit": plain_fork, "gevent.fork": gev
 
 @pytest.fixture(params=sorted(FORKS))
 def fork(request: pytest.FixtureRequest) -> Callable[[], int]:
+    """Each way to fork: os.fork as it is, the original fork plus gevent.reinit(), and gevent.fork."""
     return FORKS[request.param]
 
 
@@ -162,6 +164,7 @@ def run_child(
 
 
 def talk(sock: socket.socket, command: str) -> str:
+    """Send one command line on ``sock`` and return the reply line."""
     sock.sendall(command.encode() + b"\n")
     return recv_line(sock).decode()
 
