@@ -214,7 +214,8 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
     with TracingPool(server, 2, keepalive=0.05) as pool:
         pool.wait(timeout=5)
         parent_ports = own_ports(pool)
-        assert parent_ports <= threaded_server.client_ports
+        # The server thread notes a connection when its handler starts, maybe after pool.wait() returned.
+        wait_until(lambda: parent_ports <= threaded_server.client_ports)
 
         def child() -> Dict[str, Any]:
             me = os.getpid()
@@ -253,7 +254,7 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
         assert all(r.startswith(f"req {os.getpid()} ") for r in parent_replies)
         assert child_ports and not child_ports & parent_ports
         # The server accepted the child's connections as new ones.
-        assert child_ports <= threaded_server.client_ports
+        wait_until(lambda: child_ports <= threaded_server.client_ports)
         assert report["stats"][0] == 2  # the child opened its own two
         assert report["closes"] == []  # and closed none of the parent's
         # Every command the child sent went over one of the child's connections.
