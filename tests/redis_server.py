@@ -3,7 +3,7 @@
 :class:`RedisServer` runs Debian's ``redis-server`` as a subprocess on a free
 port of 127.0.0.1, with no persistence, and can stop, kill and restart it on
 the same port.  :func:`call` speaks just enough RESP over a plain socket for
-``PING``, ``ECHO`` and ``CLIENT LIST``; :class:`TrackingPool` is a pool of such
+``PING``, ``ECHO`` and ``CLIENT LIST``; :class:`RedisPool` is a pool of such
 sockets that remembers every connection it opened and closed, so that a test
 can compare that with what the server (or a proxy) saw.
 """
@@ -280,6 +280,10 @@ class TrackingPool(ConnectionPool[socket.socket]):
     def owned_ports(self) -> Set[int]:
         """Client ports of the connections the pool opened and has not closed."""
         return {self._port_of[id(c)] for c in self.sockets if id(c) not in self._closed_ids}
+
+
+class RedisPool(TrackingPool):
+    """A :class:`TrackingPool` in front of redis (directly or through a proxy)."""
 
 
 def echo(pool: ConnectionPool[socket.socket], token: str) -> bytes:
