@@ -17,6 +17,8 @@ import warnings
 
 import gevent
 import pytest
+from doubles import LogCapture
+from faultproxy import FaultProxy
 from haproxy_server import HAPROXY, HAProxy, haproxy_available
 from helpers import FORK_WARNING, LineServer, open_fds, pool_greenlets
 from misbehaving_server import MisbehavingServer
@@ -88,6 +90,40 @@ def serving(server):
 def line_server():
     """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
     yield from serving(LineServer())
+
+
+@pytest.fixture
+def redis():
+    """A real redis-server on a free port of 127.0.0.1, killed at the end."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def proxy(redis):
+    """A :class:`FaultProxy` in front of ``redis``."""
+    fault_proxy = FaultProxy(redis.address)
+    fault_proxy.start()
+    try:
+        yield fault_proxy
+    finally:
+        fault_proxy.stop()
+
+
+@pytest.fixture
+def pool_log(caplog):
+    """What the package's logger ("geventconnpool") emitted during the test, from DEBUG up."""
+    return LogCapture(caplog, "geventconnpool")
+
+
+@pytest.fixture
+def retry_log(caplog):
+    """A logger of the test's own for retry(logger=...), as ``retry_log.logger``, and what it emitted."""
+    return LogCapture(caplog, "tests.retry")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import gc
 import os
 import time
 import warnings
-from typing import Callable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Iterator, List, Optional, Set, Tuple, TypeVar
 
 import gevent
 import greenlet
@@ -16,6 +16,8 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from geventconnpool import ConnectionPool
+
+C = TypeVar("C")
 
 
 def wait_until(
@@ -92,6 +94,11 @@ def pool_greenlets() -> Set[greenlet.greenlet]:
         and not g.dead
         and str(getattr(g, "name", "")).startswith("geventconnpool")
     }
+
+
+def local_port(sock: socket.socket) -> int:
+    """The local port of a connected socket: which of the pool's connections it is, seen from the server."""
+    return int(sock.getsockname()[1])
 
 
 class LineServer:
@@ -210,6 +217,19 @@ def recv_line(sock: socket.socket) -> bytes:
             raise ConnectionError("the server closed the connection")
         data += chunk
     return data[:-1]
+
+
+def raise_in_block(pool: ConnectionPool[C], error: BaseException) -> C:
+    """Raise ``error`` inside ``with pool.get() as c:``; check that it comes out unchanged; return ``c``."""
+    held: List[C] = []
+    try:
+        with pool.get() as c:
+            held.append(c)
+            raise error
+    except BaseException as raised:
+        if raised is not error:
+            raise
+    return held[0]
 
 
 def request(pool: ConnectionPool[socket.socket], command: bytes) -> bytes:

@@ -12,7 +12,7 @@ from typing import Any, List
 
 import gevent
 import pytest
-from core_pools import FLAVOURS, FactoryPool
+from doubles import FLAVOURS, FakePool
 from helpers import LinePool, LineServer, recv_line, wait_until
 
 from geventconnpool import PoolTimeout, PoolUnavailable, retry
@@ -57,7 +57,7 @@ def test_a_base_exception_from_new_connection_is_a_failed_attempt(leak_check, ca
         made.append(conn)
         return conn
 
-    with FactoryPool(1, factory, timeout=5) as pool:
+    with FakePool(1, factory=factory, timeout=5) as pool:
         pool.wait(timeout=5)
         s = pool.stats()
         assert (s.idle, s.connecting, s.failed_connects) == (1, 0, 3)
@@ -73,13 +73,13 @@ def test_a_base_exception_from_a_background_keepalive_discards_the_connection(le
     """
     caplog.set_level(logging.DEBUG, logger=LOGGER)
 
-    class Pool(FactoryPool):
+    class Pool(FakePool):
         def _keepalive(self, c: Any) -> None:
             if c.number == 0:
                 raise ControlFlow("bad ping")
 
     counter = iter(range(1000))
-    with Pool(1, lambda: Conn(next(counter)), keepalive=0.01) as pool:
+    with Pool(1, factory=lambda: Conn(next(counter)), keepalive=0.01) as pool:
         wait_until(lambda: pool.stats().keepalive_failures == 1 and pool.stats().idle == 1)
         with pool.get() as c:
             assert c.number == 1
@@ -94,13 +94,13 @@ def test_a_base_exception_from_a_background_close_is_logged_and_ignored(leak_che
     """
     caplog.set_level(logging.DEBUG, logger=LOGGER)
 
-    class Pool(FactoryPool):
+    class Pool(FakePool):
         def _close_connection(self, c: Any) -> None:
             super()._close_connection(c)
             raise ControlFlow("cannot say goodbye")
 
     counter = iter(range(1000))
-    with Pool(1, lambda: Conn(next(counter)), max_lifetime=0.05) as pool:
+    with Pool(1, factory=lambda: Conn(next(counter)), max_lifetime=0.05) as pool:
         wait_until(lambda: pool.stats().recycled >= 2 and pool.stats().idle == 1)
     assert "Traceback" not in capsys.readouterr().err
     debug = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG]
@@ -117,12 +117,12 @@ def test_a_second_exit_of_a_lease_raises_and_changes_nothing(flavour, leak_check
     so two callers then held one connection; now the second exit raises RuntimeError and changes nothing.
     """
 
-    class Pool(FactoryPool):
+    class Pool(FakePool):
         def _keepalive(self, c: Any) -> None:
             pass
 
     counter = iter(range(1000))
-    with Pool(1, lambda: Conn(next(counter)), **FLAVOURS[flavour]) as pool:
+    with Pool(1, factory=lambda: Conn(next(counter)), **FLAVOURS[flavour]) as pool:
         pool.wait(timeout=5)
         lease = pool.get()
         lease.__enter__()
@@ -141,7 +141,7 @@ def test_a_second_exit_of_a_lease_raises_and_changes_nothing(flavour, leak_check
 def test_a_second_exit_after_a_discard_raises_and_discards_nothing_more(leak_check):
     """A lease whose block broke its connection, exited again, raises RuntimeError and discards no other."""
     counter = iter(range(1000))
-    with FactoryPool(1, lambda: Conn(next(counter))) as pool:
+    with FakePool(1, factory=lambda: Conn(next(counter))) as pool:
         pool.wait(timeout=5)
         lease = pool.get()
         lease.__enter__()
@@ -158,7 +158,7 @@ def test_a_second_exit_after_a_discard_raises_and_discards_nothing_more(leak_che
 def test_exiting_a_lease_that_was_never_entered_raises(leak_check):
     """A lease exited without being entered raises RuntimeError: only a with statement gives a loan back."""
     counter = iter(range(1000))
-    with FactoryPool(1, lambda: Conn(next(counter))) as pool:
+    with FakePool(1, factory=lambda: Conn(next(counter))) as pool:
         pool.wait(timeout=5)
         lease = pool.get()
         with pytest.raises(RuntimeError):
@@ -278,7 +278,7 @@ def test_a_changed_cause_during_an_outage_reaches_the_warning_log(leak_check, ca
             raise cause
         return Conn(0)
 
-    with FactoryPool(1, factory, name="tls-pool") as pool:
+    with FakePool(1, factory=factory, name="tls-pool") as pool:
         pool.wait(timeout=5)
     warnings = [m for m in warnings_of(caplog) if "tls-pool" in m]
     assert len(warnings) == 2, warnings

@@ -18,11 +18,12 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import gevent
 import pytest
+from doubles import FastLinePool
 from gevent import socket
 from gevent.monkey import get_original, is_module_patched
-from helpers import LinePool, LineServer, recv_line, wait_until
+from helpers import LinePool, LineServer, local_port, recv_line, wait_until
 
-from geventconnpool import ConnectionPool
+from geventconnpool import ConnectionPool, PoolTimeout
 
 start_new_thread = get_original("_thread", "start_new_thread")
 
@@ -69,6 +70,7 @@ class ServerThread:
 
 @pytest.fixture
 def threaded_server():
+    """A LineServer in its own OS thread, stopped at the end."""
     server = ServerThread()
     server.start()
     try:
@@ -98,6 +100,7 @@ FORKS = {"os.fork": os_fork, "plain-fork+reinit": plain_fork, "gevent.fork": gev
 
 @pytest.fixture(params=sorted(FORKS))
 def fork(request: pytest.FixtureRequest) -> Callable[[], int]:
+    """Each way to fork: os.fork as it is, the original fork plus gevent.reinit(), and gevent.fork."""
     return FORKS[request.param]
 
 
@@ -160,19 +163,16 @@ def run_child(
     return report["result"]
 
 
-def local_port(sock: socket.socket) -> int:
-    return sock.getsockname()[1]
-
-
 def talk(sock: socket.socket, command: str) -> str:
+    """Send one command line on ``sock`` and return the reply line."""
     sock.sendall(command.encode() + b"\n")
     return recv_line(sock).decode()
 
 
 class TracingPool(LinePool):
-    handshake = False
-
     """A LinePool whose keepalive and closes say which process did them, on which connection."""
+
+    handshake = False  # SlowCheckPool: whether _new_connection has a slow handshake
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.closes: List[Dict[str, int]] = []
@@ -192,10 +192,8 @@ class TracingPool(LinePool):
 
 def own_ports(pool: ConnectionPool[socket.socket]) -> Set[int]:
     """The local ports of every connection the pool has open now (borrowing them all)."""
-    ports = set()
     with pool.get(timeout=5) as a, pool.get(timeout=5) as b:
-        ports = {local_port(a), local_port(b)}
-    return ports
+        return {local_port(a), local_port(b)}
 
 
 def commands_by(server: LineServer, pid: int) -> List[List[str]]:
@@ -216,7 +214,8 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
     with TracingPool(server, 2, keepalive=0.05) as pool:
         pool.wait(timeout=5)
         parent_ports = own_ports(pool)
-        assert parent_ports <= threaded_server.client_ports
+        # The server thread notes a connection when its handler starts, maybe after pool.wait() returned.
+        wait_until(lambda: parent_ports <= threaded_server.client_ports)
 
         def child() -> Dict[str, Any]:
             me = os.getpid()
@@ -256,7 +255,7 @@ def test_pool_made_before_fork_works_in_the_child_on_its_own_connections(fork, t
         assert all(r.startswith(f"req {os.getpid()} ") for r in parent_replies)
         assert child_ports and not child_ports & parent_ports
         # The server accepted the child's connections as new ones.
-        assert child_ports <= threaded_server.client_ports
+        wait_until(lambda: child_ports <= threaded_server.client_ports)
         assert report["stats"][0] == 2  # the child opened its own two
         assert report["closes"] == []  # and closed none of the parent's
         # Every command the child sent went over one of the child's connections.
@@ -285,7 +284,7 @@ def test_child_never_closes_or_pings_the_parents_connections(fork, threaded_serv
             before = len(pool.closes)
             gevent.sleep(0.2)  # ten keepalive periods without touching the pool
             ports = own_ports(pool)
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # five more periods, then close: the child must touch none of the parent's
             pool.close()
             return {
                 "pid": os.getpid(),
@@ -323,7 +322,7 @@ def test_child_closing_the_pool_before_using_it_leaves_the_parents_connections(
         def child() -> Dict[str, Any]:
             s = pool.stats()
             pool.close()
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # time for a wrong close to happen: a negative check
             return {
                 "gauges": [s.idle, s.in_use, s.connecting, s.size],
                 "counters": [s.checkouts, s.opened],
@@ -361,7 +360,7 @@ def test_a_close_pending_at_fork_is_not_done_by_the_child(fork, threaded_server,
 
         def child() -> Dict[str, Any]:
             pool.close()
-            gevent.sleep(0.1)
+            gevent.sleep(0.1)  # time for a wrong close to happen: a negative check
             return {"closes": [c for c in pool.closes if c["pid"] == os.getpid()]}
 
         report = run_child(fork, child)
@@ -452,23 +451,27 @@ def test_fork_of_a_pool_whose_remote_is_down(fork, leak_check):
     server.start()
     server.stop()
 
-    class Quick(LinePool):
-        RECONNECT_DELAY = 0.005
-        RECONNECT_MAX_DELAY = 0.02
-
-    with Quick(server, 1, timeout=0.2) as pool:
+    with FastLinePool(server, 1, timeout=0.2) as pool:
         wait_until(lambda: pool.stats().failed_connects >= 1)
+        with pytest.raises(PoolTimeout):
+            pool.get(timeout=0).__enter__()
+        assert pool.stats().timeouts == 1
 
         def child() -> Dict[str, Any]:
+            with pytest.raises(PoolTimeout):
+                pool.get().__enter__()  # the remote is still down
+            back = LineServer(server.port)  # the remote comes back, served by the child itself
+            back.start()
             try:
-                with pool.get():
-                    pass
-            except OSError as error:  # PoolTimeout: the remote is still down
-                return {"error": type(error).__name__, "stats": [pool.stats().opened, pool.stats().size]}
-            return {"error": None}
+                pool.wait(timeout=5)
+                reply = talk(pool.get(timeout=5).__enter__(), "ECHO child")
+                s = pool.stats()
+                return {"reply": reply, "counters": [s.opened, s.checkouts, s.timeouts]}
+            finally:
+                back.stop()
 
         report = run_child(fork, child)
-        assert report == {"error": "PoolTimeout", "stats": [0, 1]}
+        assert report == {"reply": "child", "counters": [1, 1, 1]}  # not the parent's timeout too
     leak_check()
 
 

@@ -10,10 +10,11 @@ waiters are served first come first served, and a closed pool lends nothing.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Dict, List, Optional
 
 import gevent
 import pytest
+from doubles import FakeConn, FakePool
 from gevent.event import AsyncResult, Event
 from greenlet import GreenletExit
 from helpers import pool_greenlets, wait_until
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from geventconnpool import ConnectionPool, PoolClosed
+from geventconnpool import PoolClosed
 
 KEEPALIVE = 0.02
 
@@ -33,43 +34,13 @@ class Remote:
         self.up = True
         self.conns: List[FakeConn] = []
 
-
-class FakeConn:
-    """A scripted connection: broken when the remote went down under it; counts its closes and holders."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.broken = False
-        self.closed = 0
-        self.holders = 0
-        self.pings = 0
-
-    def close(self) -> None:
-        self.closed += 1
-
-    def __repr__(self) -> str:
-        return f"<conn {self.n}{' broken' if self.broken else ''}{' closed' if self.closed else ''}>"
-
-
-class ModelPool(ConnectionPool[FakeConn]):
-    RECONNECT_DELAY = 0.001
-    RECONNECT_MAX_DELAY = 0.005
-
-    def __init__(self, remote: Remote, size: int, **kwargs: Any) -> None:
-        self.remote = remote
-        super().__init__(size, **kwargs)
-
-    def _new_connection(self) -> FakeConn:
-        if not self.remote.up:
+    def connect(self) -> FakeConn:
+        """A new connection; ConnectionRefusedError while the remote is down."""
+        if not self.up:
             raise ConnectionRefusedError("the remote is down")
-        conn = FakeConn(len(self.remote.conns))
-        self.remote.conns.append(conn)
+        conn = FakeConn(len(self.conns))
+        self.conns.append(conn)
         return conn
-
-    def _keepalive(self, c: FakeConn) -> None:
-        c.pings += 1
-        if c.broken:
-            raise ConnectionResetError("keepalive: no answer")
 
 
 class Holder:
@@ -93,9 +64,10 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.remote = Remote()
-        self.pool: Optional[ModelPool] = None
+        self.pool: Optional[FakePool] = None
         self.holders: List[Holder] = []
         self.served: List[int] = []  # holder numbers, in the order they got a connection
+        self.holding: Dict[int, int] = {}  # how many holders each connection (by number) has now
         self.shared: List[FakeConn] = []  # connections found with two holders at once
         self.discards = 0  # discards the model expects from holders, while the pool is open
         self.closed = False
@@ -105,7 +77,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     @initialize(size=st.integers(min_value=1, max_value=4))
     def make_pool(self, size: int) -> None:
-        self.pool = ModelPool(self.remote, size, keepalive=KEEPALIVE, timeout=None, name="model")
+        self.pool = FakePool(
+            size, factory=self.remote.connect, keepalive=KEEPALIVE, timeout=None, name="model"
+        )
         self.pool.wait(timeout=5)
 
     def _hold(self, holder: Holder) -> None:
@@ -116,13 +90,13 @@ class PoolMachine(RuleBasedStateMachine):
                 holder.conn = c
                 holder.state = "holding"
                 self.served.append(holder.n)
-                c.holders += 1
-                if c.holders > 1:
+                self.holding[c.number] = self.holding.get(c.number, 0) + 1
+                if self.holding[c.number] > 1:
                     self.shared.append(c)
                 try:
                     command = holder.command.get()
                 finally:
-                    c.holders -= 1
+                    self.holding[c.number] -= 1
                 if command == "error":
                     raise ConnectionResetError("the request failed")
                 if command == "other":
@@ -247,11 +221,11 @@ class PoolMachine(RuleBasedStateMachine):
     @rule()
     def keepalive_tick(self) -> None:
         """Time passes: every idle connection is checked again, and none held is."""
-        idle = {c: c.pings for c in self._idle_conns()}
-        held = {c: c.pings for c in self._held_conns()}
-        wait_until(lambda: all(c.pings > pings for c, pings in idle.items()), timeout=5)
+        idle = {c: self._pings(c) for c in self._idle_conns()}
+        held = {c: self._pings(c) for c in self._held_conns()}
+        wait_until(lambda: all(self._pings(c) > pings for c, pings in idle.items()), timeout=5)
         self._settle()
-        assert all(c.pings == pings for c, pings in held.items())
+        assert all(self._pings(c) == pings for c, pings in held.items())
 
     @precondition(lambda self: not self.closed)
     @rule()
@@ -267,6 +241,11 @@ class PoolMachine(RuleBasedStateMachine):
         self._settle()
 
     # -- the model's view -----------------------------------------------------------------------
+
+    def _pings(self, c: FakeConn) -> int:
+        """How many times the pool's _keepalive checked ``c``."""
+        assert self.pool is not None
+        return sum(1 for checked in self.pool.keepalive_calls if checked is c)
 
     def _held_conns(self) -> List[FakeConn]:
         return [h.conn for h in self._by_state("holding") if h.conn is not None]
