@@ -21,6 +21,7 @@ import math
 import weakref
 from typing import Any, Callable, Collection, Deque, Optional, Protocol, Set, TypeVar
 
+import gevent
 from gevent.event import Event
 
 from geventconnpool._lease import Waiter
@@ -81,18 +82,29 @@ class ConnectingPool(Protocol[C]):
     def _unavailable_error(self) -> PoolUnavailable: ...
 
 
-def connect_loop(pool_ref: weakref.ref[ConnectingPool[Any]], generation: int) -> None:
+def connect_loop(
+    pool_ref: weakref.ref[ConnectingPool[Any]], generation: int, after_failures: int = 0
+) -> None:
     """Open one connection for a slot, retrying with backoff until it is open.
 
     Any failure, of the hook or of the pool's own code, is a failed attempt;
-    only the pool's own stop ends it sooner (close() and fork forget the slots).
+    only the pool's own stop ends it sooner (close() and fork forget the
+    slots).  A slot that replaces a connection that counts as a failed
+    connect starts with the wait that follows ``after_failures`` failures.
     """
     pool = pool_ref()
     if pool is None:
         return
     slot = Slot()
     pool._slots.add(slot)
-    del pool
+    if after_failures:
+        slot.attempt = after_failures
+        first_wait = pool._reconnect_wait(after_failures)
+        slot.sleeps_until = pool._loop.now() + first_wait
+        del pool
+        gevent.sleep(first_wait)  # switches
+    else:
+        del pool
     while True:
         pool = pool_ref()
         if pool is None or pool._generation != generation or pool._closed:

@@ -12,7 +12,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Deque, Generic, Optional, Protocol, Tuple, Type, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Generic,
+    Optional,
+    Protocol,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 import gevent.hub
 
@@ -28,6 +40,12 @@ _now = time.monotonic
 IN_POOL = 0  # idle, connecting or being checked: no caller has it
 LENT = 1  # returned by get(), not entered yet
 ENTERED = 2  # inside its with block
+
+# Whether the hub watches an entry's socket (Entry.watching; see _watching.py).
+NEVER = -1  # no socket to watch (watch_idle off, or none found)
+UNWATCHED = 0  # lent, or taken out of the pool
+TO_WATCH = 1  # idle: the hub starts watching it before it next polls
+WATCHED = 2  # idle, and its watcher is active
 
 if TYPE_CHECKING:
     Wakeup = gevent.hub.Waiter[None]
@@ -74,6 +92,9 @@ class LendingPool(Protocol[C]):
     def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
         """Take back a held entry that broke: close it and open a replacement."""
 
+    def _watch_soon(self, entry: Entry[C]) -> None:
+        """Have the hub watch an entry that just went idle, from its next turn on."""
+
 
 class Entry(Generic[C]):
     """One open connection and what the pool knows of it.
@@ -85,27 +106,42 @@ class Entry(Generic[C]):
     """
 
     __slots__ = (
+        "__weakref__",
         "conn",
         "expires_at",
+        "fd",
         "idle_since",
         "lent_at",
         "lent_from",
         "lent_lasti",
         "loan",
+        "on_readable",
+        "opened_at",
         "pool",
+        "sock",
         "stale",
+        "watcher",
+        "watching",
     )
 
     def __init__(self, conn: C, pool: LendingPool[C], expires_at: float) -> None:
         self.conn = conn
         self.pool = pool
         self.expires_at = expires_at
-        self.idle_since = _now()
+        self.opened_at = self.idle_since = _now()
         self.lent_at = 0.0
         self.lent_from: Optional[FrameType] = None
         self.lent_lasti = 0  # the offset of the get() call in lent_from's code
         self.stale = False  # idle past check_after: get() checks it before lending it
         self.loan = IN_POOL
+        # watch_idle (see _watching.py): the hub's watcher on the socket, active
+        # while the entry is idle, its callback, and the socket and descriptor
+        # it was made for; no watcher for a connection without a socket.
+        self.watcher: Any = None
+        self.watching = NEVER
+        self.on_readable: Optional[Callable[[], None]] = None
+        self.sock: Any = None
+        self.fd = -1
 
     def __enter__(self) -> C:
         if self.loan != LENT:
@@ -134,9 +170,11 @@ class Entry(Generic[C]):
             pool._release(self)
         else:
             pool._idle.append(self)
+            if self.watching == UNWATCHED:  # watch_idle: the hub watches it from its next turn
+                pool._watch_soon(self)
 
 
-class WatchedEntry(Entry[C]):
+class TracedEntry(Entry[C]):
     """The entry of a pool with ``leak_warning`` only: it forgets who took it when it comes back."""
 
     __slots__ = ()
@@ -158,6 +196,8 @@ class WatchedEntry(Entry[C]):
             pool._release(self)
         else:
             pool._idle.append(self)
+            if self.watching == UNWATCHED:
+                pool._watch_soon(self)
 
 
 class TimedEntry(Entry[C]):
@@ -186,6 +226,8 @@ class TimedEntry(Entry[C]):
         else:
             self.idle_since = now
             pool._idle.append(self)
+            if self.watching == UNWATCHED:
+                pool._watch_soon(self)
 
 
 class Waiter(Wakeup):
@@ -240,6 +282,9 @@ class Orphanage:
         pass
 
     def _discard(self, entry: Entry[Any], error: Optional[BaseException]) -> None:
+        pass
+
+    def _watch_soon(self, entry: Entry[Any]) -> None:
         pass
 
 

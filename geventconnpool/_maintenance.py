@@ -140,6 +140,7 @@ class MaintainedPool(Protocol[C]):
     _closing: Set[Entry[C]]
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None: ...
+    def _leave_idle(self, entry: Entry[C]) -> None: ...
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
     def _check(self, entry: Entry[C], seconds: Optional[float], in_background: bool = False) -> bool: ...
     def _release(self, entry: Entry[C]) -> None: ...
@@ -174,10 +175,10 @@ def maintain(pool: MaintainedPool[C]) -> float:
         leak_warning=pool.leak_warning,
     )
     for entry in due.recycle:
-        pool._idle.remove(entry)
+        pool._leave_idle(entry)
         pool._recycle(entry, in_background=True)
     for entry in due.ping:
-        pool._idle.remove(entry)
+        pool._leave_idle(entry)
         pool._checking.add(entry)
         pool._spawn("keepalive", keepalive_check, entry)
     for entry in due.stale:

@@ -31,10 +31,20 @@ class PoolStats:
     failed_connects: int
     """Failed calls of ``_new_connection`` (errors, ``None``, ``connect_timeout``)."""
     discarded: int
-    """Connections closed because they broke (in a caller's block or in a check)."""
+    """Connections closed because they broke: in a caller's block, in a check, or by data nobody asked for
+    arriving while idle."""
     recycled: int
     """Connections closed because they reached ``max_lifetime``."""
     keepalive_failures: int
     """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
     timeouts: int
     """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
+
+    # Fields added after 1.0 come last, with a default, so that code that
+    # builds a PoolStats by position (tests comparing with one) keeps working.
+    closed_while_idle: int = 0
+    """Idle connections that ``watch_idle`` found closed by the remote end (the end of the stream, a reset
+    or an error), and replaced.
+
+    .. versionadded:: 1.1
+    """

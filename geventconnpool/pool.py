@@ -47,6 +47,7 @@ hook leaves ``_idle`` empty, so the child's first ``get()`` takes the slow path.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -62,7 +63,9 @@ from typing import (
     Callable,
     ContextManager,
     Deque,
+    Dict,
     Generic,
+    List,
     Optional,
     Set,
     Tuple,
@@ -79,10 +82,31 @@ from geventconnpool import _arguments
 from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
-from geventconnpool._lease import LENT, ORPHANAGE, Entry, LendingPool, TimedEntry, Waiter, WatchedEntry
+from geventconnpool._lease import (
+    LENT,
+    NEVER,
+    ORPHANAGE,
+    TO_WATCH,
+    UNWATCHED,
+    WATCHED,
+    Entry,
+    LendingPool,
+    TimedEntry,
+    TracedEntry,
+    Waiter,
+)
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._outage import OutageLog
 from geventconnpool._stats import PoolStats
+from geventconnpool._watching import (
+    WatchingPool,
+    default_socket_of,
+    look,
+    start_watchers,
+    stop_all,
+    unwatch,
+    watch,
+)
 from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
 
 __all__ = ["ConnectionPool", "PoolStats"]
@@ -136,6 +160,9 @@ class ConnectionPool(Generic[C]):
         open and the last attempt to open one failed.
     :param name: the name shown in logs, errors and ``repr``; by default the
         class name and a number.
+    :param watch_idle: while a connection is idle, the event loop watches its
+        socket (see :meth:`_socket_of`), and the pool drops it as soon as the
+        remote end closes it, before anyone can borrow it.
     :raises TypeError: an argument has the wrong type, or a hook the options
         need is not overridden.
     :raises ValueError: a number is out of range.
@@ -145,6 +172,8 @@ class ConnectionPool(Generic[C]):
 
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
+    .. versionchanged:: 1.1
+       Added ``watch_idle``, on by default.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -191,6 +220,7 @@ class ConnectionPool(Generic[C]):
         leak_warning: Optional[float] = None,
         fail_fast: bool = False,
         name: Optional[str] = None,
+        watch_idle: bool = True,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
         self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
@@ -202,6 +232,7 @@ class ConnectionPool(Generic[C]):
         self._check_after = _arguments.seconds(check_after, "check_after")
         self._leak_warning = _arguments.seconds(leak_warning, "leak_warning")
         self.fail_fast = fail_fast
+        self._watch_idle = _arguments.flag(watch_idle, "watch_idle")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
@@ -227,12 +258,25 @@ class ConnectionPool(Generic[C]):
         self._last_error: Optional[BaseException] = None
         self._outage = OutageLog()
         self._reconnected = Event()  # set, and replaced, when a streak of failures ends
+        self._loop = gevent.get_hub().loop
+        # Watching idle connections (_watching.py): the closures of a burst, to
+        # be logged as one line, and the streak of new connections dropped for
+        # data nobody asked for (a greeting that _new_connection did not read).
+        self._idle_closures: Dict[str, int] = {}
+        self._closure_report: Any = None
+        self._early_data_streak = 0
+        self._early_data_at = -math.inf
+        self._custom_idle_readable = type(self)._idle_readable is not ConnectionPool._idle_readable
+        self._watchers: Set[Any] = set()  # every watcher of the pool's, stopped if it is collected
+        self._to_watch: List[Entry[C]] = []  # idle entries the hub starts watching at its next turn
+        self._start_watchers = functools.partial(start_watchers, weakref.ref(self))
+        weakref.finalize(self, stop_all, self._watchers)
         # Threads and fork.
         self._owner = _ThreadLock()
         self._owner.acquire()  # never released: it marks the pool's thread
-        self._loop = gevent.get_hub().loop
         self._generation = 0  # bumped in a child process after fork()
         self._forked = False  # set by the at-fork hook in a child process
+        self._orphaned_watchers: List[Any] = []  # in a child: the parent's watchers, kept, stopped
         self._reset_counters()
         # What the options cost: only check_after and leak_warning do anything
         # when a connection is lent; only keepalive, max_lifetime and
@@ -248,7 +292,7 @@ class ConnectionPool(Generic[C]):
         if self._timed:
             self._entry_class: Type[Entry[C]] = TimedEntry
         elif self._leak_warning is not None:
-            self._entry_class = WatchedEntry
+            self._entry_class = TracedEntry
         else:
             self._entry_class = Entry
         _pools.add(self)
@@ -291,6 +335,39 @@ class ConnectionPool(Generic[C]):
         if close is not None:
             close()
 
+    def _socket_of(self, c: C) -> Any:
+        """Return the socket of connection ``c`` to watch while it is idle, or None not to watch it.
+
+        With ``watch_idle``, the pool watches that socket while ``c`` is idle
+        and drops ``c`` as soon as the remote end closes it.  The default
+        returns ``c`` when it is socket-like (a socket or an SSL socket: it has
+        ``fileno``, ``recv``, ``gettimeout`` and ``settimeout``), else ``c.sock``
+        when that is (:class:`http.client.HTTPConnection`,
+        :class:`imaplib.IMAP4`, ``smtplib``, ``poplib`` and ``ftplib``
+        keep it there), else None.  Override it for a client that keeps its
+        socket elsewhere (redis-py's ``Connection`` has ``_sock``).
+
+        .. versionadded:: 1.1
+        """
+        return default_socket_of(c)
+
+    def _idle_readable(self, c: C) -> bool:
+        """Judge the idle connection ``c``, whose socket became readable; return true to keep it.
+
+        The default reads one byte without blocking: the end of the stream, a
+        reset, an error, or a byte of application data (a reply nobody will
+        read, a goodbye) drop ``c``; a TLS record without application data (a
+        TLS 1.3 session ticket, a key update) keeps it.  The pool runs the
+        default in the event loop itself; an override, for a server that
+        writes on idle connections on purpose (heartbeats, notifications),
+        runs in a greenlet, under ``connect_timeout``, and may read what came:
+        it must consume it, or it is called again at once.
+
+        .. versionadded:: 1.1
+        """
+        sock = self._socket_of(c)
+        return sock is not None and look(sock) is None
+
     # -- the public API -------------------------------------------------------
 
     def get(self, timeout: Optional[float] = None) -> ContextManager[C]:
@@ -327,6 +404,9 @@ class ConnectionPool(Generic[C]):
         if idle and self._owner._is_owned():  # an idle entry means nobody waits
             entry = idle.pop()
             entry.loan = LENT
+            if entry.watching == WATCHED:  # watch_idle: not while it is lent
+                entry.watcher.stop()
+                entry.watching = UNWATCHED
             if self._plain_checkout:
                 self._checkouts += 1
                 return entry
@@ -402,7 +482,12 @@ class ConnectionPool(Generic[C]):
             self._closing.clear()
             for entry in unfinished:
                 self._entries.discard(entry)
+            if self._closure_report is not None:
+                self._closure_report.close()
+                self._closure_report = None
+            self._to_watch.clear()
             for entry in idle + unfinished:
+                unwatch(entry, self._watchers)
                 self._close_quietly(entry.conn)  # switches
 
     def stats(self) -> PoolStats:
@@ -422,6 +507,7 @@ class ConnectionPool(Generic[C]):
             discarded=self._discarded,
             recycled=self._recycled,
             keepalive_failures=self._keepalive_failures,
+            closed_while_idle=self._closed_while_idle,
             timeouts=self._timeouts,
         )
 
@@ -461,6 +547,14 @@ class ConnectionPool(Generic[C]):
     def leak_warning(self) -> Optional[float]:
         """Seconds a connection may be held before a leak warning, or None; read-only."""
         return self._leak_warning
+
+    @property
+    def watch_idle(self) -> bool:
+        """Whether the event loop watches idle connections for the remote end closing them; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._watch_idle
 
     @property
     def timeout(self) -> Optional[float]:
@@ -551,6 +645,9 @@ class ConnectionPool(Generic[C]):
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if self._idle and not self._waiters:
                     entry = self._idle.pop()
+                    if entry.watching == WATCHED:
+                        entry.watcher.stop()
+                        entry.watching = UNWATCHED
                 elif self.fail_fast and self._unavailable():
                     raise self._unavailable_error()
                 else:
@@ -728,7 +825,45 @@ class ConnectionPool(Generic[C]):
         if self._waiters:
             self._waiters.popleft().serve(entry)
         else:
-            self._idle.append(entry)
+            self._go_idle(entry)
+
+    def _go_idle(self, entry: Entry[C]) -> None:
+        """Put an entry nobody waits for in ``_idle``, to be watched (as the entries' exits do)."""
+        self._idle.append(entry)
+        if entry.watching == UNWATCHED:
+            self._watch_soon(entry)
+
+    def _watch_soon(self, entry: Entry[C]) -> None:
+        """Have the hub watch an idle entry's socket from its next turn on (see ``start_watchers``)."""
+        entry.watching = TO_WATCH
+        if not self._to_watch:
+            self._loop.run_callback(self._start_watchers)
+        self._to_watch.append(entry)
+
+    def _socket_changed(self, entry: Entry[C], in_background: bool = False) -> None:
+        """The watched socket of an entry coming back was closed or replaced while it was held.
+
+        A client that reconnects by itself (``http.client`` does) has a new
+        socket: watch that one.  A closed one, the pool discards.  Either way
+        the old watcher goes first: its descriptor may belong to another socket now.
+        """
+        if entry.pool is not self:
+            return
+        unwatch(entry, self._watchers)
+        sock = self._watchable_socket(entry.conn)
+        if sock is None:
+            self._discard(entry, None, "its socket was closed while it was lent", in_background=in_background)
+            return
+        watch(entry, sock, self._loop, self._watchers)
+        self._go_idle(entry)
+
+    def _leave_idle(self, entry: Entry[C]) -> None:
+        """Take an entry out of ``_idle`` (for maintenance), and stop watching its socket."""
+        self._idle.remove(entry)
+        if entry.watching == WATCHED:
+            entry.watcher.stop()
+        if entry.watching != NEVER:
+            entry.watching = UNWATCHED
 
     def _discard(
         self,
@@ -736,11 +871,13 @@ class ConnectionPool(Generic[C]):
         error: Optional[BaseException],
         found_by: str = "its block",
         unexpected: bool = False,
+        in_background: bool = False,
     ) -> None:
         """A held entry is broken: log it (one line), close it and open a replacement.
 
-        ``found_by`` says what found it broken; ``unexpected`` adds the
-        traceback of an error that is not one of ``exc_classes``.
+        ``found_by`` says what found it broken (and, with no ``error``, how);
+        ``unexpected`` adds the traceback of an error not in ``exc_classes``;
+        ``in_background`` closes it in a greenlet of its own.
         """
         if entry.pool is not self:
             return
@@ -754,9 +891,11 @@ class ConnectionPool(Generic[C]):
                     error,
                     exc_info=error,
                 )
+            elif error is None:
+                logger.warning("pool %r: discarding a connection: %s", self.name, found_by)
             else:
                 logger.warning("pool %r: discarding a connection: %s raised %r", self.name, found_by, error)
-        self._close_and_replace(entry)
+        self._close_and_replace(entry, in_background)
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None:
         """A held entry reached its lifetime: count it, close it and open its replacement."""
@@ -764,15 +903,20 @@ class ConnectionPool(Generic[C]):
         logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
         self._close_and_replace(entry, in_background)
 
-    def _close_and_replace(self, entry: Entry[C], in_background: bool = False) -> None:
+    def _close_and_replace(
+        self, entry: Entry[C], in_background: bool = False, after_failures: int = 0
+    ) -> None:
         """Close a held entry and, unless the pool is closed, start opening its replacement.
 
         ``in_background`` closes it in a greenlet of its own, for the
-        maintenance greenlet, which must not wait for a slow close.
+        maintenance greenlet and the hub, which must not wait for a slow close.
+        ``after_failures`` makes the replacement wait the backoff of that many
+        failed connects before its first attempt.
         """
         self._entries.discard(entry)
+        unwatch(entry, self._watchers)  # before the socket is closed: its number may be reused at once
         if not self._closed:
-            self._open_slot()
+            self._open_slot(after_failures)
         if in_background:
             self._closing.add(entry)
             self._spawn("recycle", close_recycled, entry)
@@ -812,17 +956,37 @@ class ConnectionPool(Generic[C]):
             else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
         entry = self._entry_class(conn, self, _now() + lifetime)
+        if self._watch_idle:
+            sock = self._watchable_socket(conn)
+            if sock is not None:
+                watch(entry, sock, self._loop, self._watchers)
         self._connecting -= 1
         self._opened += 1
         self._entries.add(entry)
         if self._waiters:
             self._waiters.popleft().serve(entry)
         else:
-            self._idle.append(entry)
+            self._go_idle(entry)
 
-    def _open_slot(self) -> None:
+    def _watchable_socket(self, conn: C) -> Any:
+        """The socket of ``conn`` to watch while it is idle (see :meth:`_socket_of`), or None."""
+        try:
+            sock = self._socket_of(conn)
+            if sock is not None and sock.fileno() >= 0:
+                return sock
+        except Exception:
+            logger.debug(
+                "pool %r: _socket_of() failed: the connection is not watched", self.name, exc_info=True
+            )
+        return None
+
+    def _judges_idle_readable(self) -> bool:
+        """Whether a subclass overrides :meth:`_idle_readable` (which then runs in a greenlet)."""
+        return self._custom_idle_readable
+
+    def _open_slot(self, after_failures: int = 0) -> None:
         self._connecting += 1
-        self._spawn("connect", connect_loop, self._generation)
+        self._spawn("connect", connect_loop, self._generation, after_failures)
 
     # -- background work ------------------------------------------------------
 
@@ -855,26 +1019,47 @@ class ConnectionPool(Generic[C]):
 
     def _reset_counters(self) -> None:
         self._checkouts = self._opened = self._failed_connects = self._discarded = 0
-        self._recycled = self._keepalive_failures = self._timeouts = 0
+        self._recycled = self._keepalive_failures = self._timeouts = self._closed_while_idle = 0
 
     def _drop_after_fork(self) -> None:
-        """In a child process: forget the parent's connections, without closing them."""
+        """In a child process: forget the parent's connections, without closing them.
+
+        A pool of another thread is forgotten too, without touching its event
+        loop or its greenlets: that thread, and its hub, did not survive the fork.
+        """
+        ours = self._owner._is_owned()
         self._generation += 1
         for entry in self._entries:
             entry.pool = ORPHANAGE
+            if entry.watcher is not None:
+                self._orphaned_watchers.append(entry.watcher)
+                entry.watcher = entry.on_readable = None  # their callbacks do nothing now
+        self._to_watch.clear()
+        self._watchers.clear()
+        # Not now: until gevent reinitialises the loop of this child, its
+        # backend is the parent's, and libuv removes a stopped watcher's
+        # descriptor from it at once (a subprocess's fork would take the
+        # parent's idle connections out of the parent's loop).  The child's
+        # hub runs this callback after the reinitialisation.  They are never
+        # closed: the numbers may belong to other sockets by then.
+        if ours:
+            self._loop.run_callback(_stop_all_of, self._orphaned_watchers)
         self._idle.clear()
         self._entries.clear()
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
         self._connecting = self._size  # reopened by the child's first call
+        self._idle_closures = {}
+        self._closure_report = None
         self._forked = True
         # The parent's greenlets were copied into this process: one may be in
         # the middle of an exchange on the parent's socket.  Kill them before
         # the child's hub runs them again (killing only schedules the kill).
         inherited = list(self._greenlets)
         self._greenlets.clear()
-        gevent.killall(inherited, block=False)
+        if ours:
+            gevent.killall(inherited, block=False)
 
     def _start_in_child(self) -> None:
         """In a child process: stop the parent's greenlets and open connections of our own."""
@@ -891,9 +1076,17 @@ class ConnectionPool(Generic[C]):
 _P = TypeVar("_P", bound=ConnectionPool[Any])
 
 
+def _stop_all_of(watchers: List[Any]) -> None:
+    for watcher in watchers:
+        watcher.stop()
+
+
 def _after_fork_in_child() -> None:
     for pool in list(_pools):
-        pool._drop_after_fork()
+        try:
+            pool._drop_after_fork()
+        except Exception:  # one pool must not keep the others on their parent's connections
+            logger.exception("pool %r: could not forget the parent's connections after fork()", pool.name)
 
 
 if hasattr(os, "register_at_fork"):
@@ -904,6 +1097,6 @@ if TYPE_CHECKING:
 
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
-    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any]]:
+    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any]]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool
+        return pool, pool, pool, pool

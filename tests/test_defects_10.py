@@ -176,7 +176,7 @@ def test_a_failed_background_keepalive_logs_one_warning(line_server, leak_check,
     connection": two WARNING lines for one connection; now one line names the pool, the check and the error.
     """
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with LinePool(line_server, 1, keepalive=0.02, name="ka-pool") as pool:
+    with LinePool(line_server, 1, keepalive=0.02, name="ka-pool", watch_idle=False) as pool:
         pool.wait(timeout=5)
         line_server.cut_all()
         wait_until(lambda: pool.stats().keepalive_failures == 1)
@@ -191,7 +191,7 @@ def test_a_failed_background_keepalive_logs_one_warning(line_server, leak_check,
 def test_a_failed_check_after_logs_one_warning(line_server, leak_check, caplog):
     """1.0: a check_after check that failed in get() logged two WARNING lines; now one, naming the check."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
-    with LinePool(line_server, 1, check_after=0.01, name="ca-pool") as pool:
+    with LinePool(line_server, 1, check_after=0.01, name="ca-pool", watch_idle=False) as pool:
         pool.wait(timeout=5)
         line_server.cut_all()
         wait_until(lambda: line_server.closed == 1)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 import gevent
 import pytest
-from doubles import FastLinePool
+from doubles import FakePool, FastLinePool
 from gevent import socket
 from gevent.monkey import get_original, is_module_patched
 from helpers import LinePool, LineServer, local_port, recv_line, wait_until
@@ -544,5 +544,38 @@ def test_parent_greenlet_in_flight_at_fork_does_nothing_in_the_child(fork, threa
         assert (report["resumed"], s.keepalive_failures, s.failed_connects) == ([], 0, 0), (
             f"the child resumed the parent's {what!r} exchange"
         )
+    threaded_server.stop()
+    leak_check()
+
+
+def test_pools_of_an_ended_thread_do_not_keep_a_fork_from_dropping_the_other_pools(
+    fork, threaded_server, leak_check
+):
+    """Pools left open by a thread that has ended, whose hub is destroyed, are forgotten in the child
+    without touching that hub, and the forking thread's pool still drops the parent's connections and
+    opens its own (an error on a dead pool used to stop the child from dropping the rest)."""
+    made: List[ConnectionPool[Any]] = []
+
+    def in_a_thread() -> None:
+        for _ in range(3):
+            dead = FakePool(1)
+            dead.wait(timeout=5)
+            made.append(dead)
+        gevent.get_hub().destroy(destroy_loop=True)  # the thread ends; its pools stay open
+
+    get_original("_thread", "start_new_thread")(in_a_thread, ())
+    wait_until(lambda: len(made) == 3, timeout=10)
+    with LinePool(threaded_server.server, 2) as pool:
+        pool.wait(timeout=5)
+        parent_ports = own_ports(pool)
+
+        def child() -> Dict[str, Any]:
+            pool.wait(timeout=5)
+            return {"ports": sorted(own_ports(pool)), "opened": pool.stats().opened}
+
+        report = run_child(fork, child)
+        assert report["opened"] == 2
+        assert not set(report["ports"]) & parent_ports
+        assert own_ports(pool) == parent_ports
     threaded_server.stop()
     leak_check()

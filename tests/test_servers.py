@@ -17,8 +17,8 @@ import pytest
 from gevent import socket
 from helpers import recv_line, request, wait_until
 from misbehaving_server import MisbehavingServer
-from nginx_server import HttpsPool, get, https_get
-from redis_server import RedisPool, call, echo
+from nginx_server import https_get
+from redis_server import call
 from tls_server import TLSLinePool
 
 pytestmark = pytest.mark.event_loop
@@ -182,23 +182,6 @@ def test_nginx_reload_closes_idle_keepalive_connections(nginx, leak_check):
     assert {entry[0] for entry in nginx.access_log()} >= {r.connection for r in responses}
 
 
-@pytest.mark.servers
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="watch_idle not built yet")
-def test_requests_after_nginx_reload_do_not_fail(nginx, leak_check):
-    """After ``nginx -s reload`` closed all ten idle pooled connections, 20 sequential requests, with no
-    retry, all succeed."""
-    with HttpsPool(nginx, 10) as pool:
-        pool.wait(timeout=10)
-        nginx.reload()
-        failures = []
-        for _ in range(REQUESTS):
-            try:
-                assert get(pool).status == 200
-            except OSError as error:
-                failures.append(error)
-    assert failures == []
-
-
 # -- haproxy in front of redis ------------------------------------------------------------------------
 
 
@@ -215,21 +198,3 @@ def test_haproxy_cuts_an_idle_connection_after_timeout_client(haproxy_redis, lea
     print(f"haproxy cut the connection after {idle:.2f} s idle (timeout client {haproxy.timeout_client} s)")
     assert idle > haproxy.timeout_client / 2, "cut long before the idle timeout: not the idle cut"
     wait_until(lambda: redis.client_ports() == set(), message=lambda: f"redis has {redis.client_ports()}")
-
-
-@pytest.mark.servers
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="watch_idle not built yet")
-def test_requests_after_haproxy_cut_idle_connections_do_not_fail(haproxy_redis, leak_check):
-    """After haproxy cut all ten idle pooled connections, 20 sequential requests, with no retry, all
-    succeed."""
-    haproxy, redis = haproxy_redis
-    with RedisPool(haproxy.address, 10) as pool:
-        pool.wait(timeout=10)
-        wait_until(lambda: redis.client_ports() == set(), timeout=5 * haproxy.timeout_client)
-        failures = []
-        for i in range(REQUESTS):
-            try:
-                assert echo(pool, f"token-{i}") == f"token-{i}".encode()
-            except OSError as error:
-                failures.append(error)
-    assert failures == []

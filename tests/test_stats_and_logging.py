@@ -35,6 +35,7 @@ def test_stats_is_a_frozen_dataclass_with_the_documented_fields(line_server, lea
             "discarded",
             "recycled",
             "keepalive_failures",
+            "closed_while_idle",
             "timeouts",
         }
         with pytest.raises(dataclasses.FrozenInstanceError):
