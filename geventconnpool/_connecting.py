@@ -80,6 +80,7 @@ class ConnectingPool(Protocol[C]):
     def _add(self, conn: C) -> None: ...
     def _unavailable(self) -> bool: ...
     def _unavailable_error(self) -> PoolUnavailable: ...
+    def _hand_over(self, result: Any) -> None: ...
 
 
 def connect_loop(
@@ -173,7 +174,7 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
     if pool.fail_fast and pool._unavailable():
         unavailable = pool._unavailable_error()
         while pool._waiters:
-            pool._waiters.popleft().serve(unavailable)
+            pool._hand_over(unavailable)
     return next_wait
 
 

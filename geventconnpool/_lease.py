@@ -13,7 +13,6 @@ import time
 from collections import deque
 from types import FrameType, TracebackType
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
@@ -26,7 +25,7 @@ from typing import (
     Union,
 )
 
-import gevent.hub
+from greenlet import greenlet as RawGreenlet
 
 from geventconnpool.errors import PoolError
 
@@ -46,11 +45,6 @@ NEVER = -1  # no socket to watch (watch_idle off, or none found)
 UNWATCHED = 0  # lent, or taken out of the pool
 TO_WATCH = 1  # idle: the hub starts watching it before it next polls
 WATCHED = 2  # idle, and its watcher is active
-
-if TYPE_CHECKING:
-    Wakeup = gevent.hub.Waiter[None]
-else:
-    Wakeup = gevent.hub.Waiter  # not subscriptable at run time
 
 
 def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException], ...]) -> bool:
@@ -85,6 +79,10 @@ class LendingPool(Protocol[C]):
     _waiters: Deque[Waiter]  # first come, first served
     _idle: Deque[Entry[C]]  # most recently returned on the right
     _closed: bool
+    _run_callback: Callable[..., Any]  # the hub loop's run_callback
+    _handed: Deque[Waiter]  # waiters handed a result, to wake, oldest first
+    _wakeup_scheduled: bool  # whether _wake_handed is due to run in the hub
+    _wake_handed: Callable[[], None]
 
     def _release(self, entry: Entry[C]) -> None:
         """Take back a held entry: lend it to the first waiter, keep it idle, or close it."""
@@ -165,7 +163,12 @@ class Entry(Generic[C]):
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
         elif pool._waiters:  # only an open pool has waiters; this entry never expires
-            pool._waiters.popleft().serve(self)
+            waiter = pool._waiters.popleft()  # ConnectionPool._hand_over(), inlined: a call less
+            waiter.result = self
+            if not pool._wakeup_scheduled:
+                pool._wakeup_scheduled = True
+                pool._run_callback(pool._wake_handed)
+            pool._handed.append(waiter)
         elif pool._closed:
             pool._release(self)
         else:
@@ -230,39 +233,33 @@ class TimedEntry(Entry[C]):
                 pool._watch_soon(self)
 
 
-class Waiter(Wakeup):
+class Waiter:
     """A caller blocked in :meth:`ConnectionPool.get`, in the pool's first-come, first-served queue.
 
-    ``serve`` hands it a connection or an error, from any greenlet of the
-    pool's thread; the caller finds it in ``result`` when it wakes.  The
-    wake-up is that of a gevent :class:`~gevent.hub.Waiter`, switched from the
-    hub, which makes a second one harmless (a timer firing just as the
-    connection arrives).  It costs a fraction of an
-    :class:`~gevent.event.AsyncResult` and a :class:`gevent.Timeout`, and every
-    hand-off under load goes through it.
+    The pool hands it a connection or an error in ``result``, then wakes it:
+    :func:`wake` switches to ``greenlet``, the blocked caller, and forgets it,
+    so that a second wake-up (the pool's timeout timer firing just as the
+    connection arrives) does nothing.  It has no timer of its own:
+    ``deadline`` (``time.monotonic()``, or None) is watched by one timer for
+    the whole pool.  A plain object, not a gevent Waiter: a caller about to
+    block may switch straight to a waiter it is waking (see
+    ``ConnectionPool._acquire``), which gevent's Waiter forbids.
     """
 
-    __slots__ = ("result",)
+    __slots__ = ("deadline", "greenlet", "result")
 
-    # No __init__: gevent's, in C, is much cheaper; the pool sets ``result`` to None.
-    result: Union[Entry[Any], BaseException, None]
+    def __init__(self, deadline: Optional[float]) -> None:
+        self.deadline = deadline
+        self.greenlet: Optional[RawGreenlet] = None  # set while the caller is blocked
+        self.result: Union[Entry[Any], BaseException, None] = None
 
-    def serve(self, result: Union[Entry[Any], BaseException]) -> None:
-        """Give the caller ``result``, and wake it up."""
-        self.result = result
-        self.hub.loop.run_callback(self.switch, None)
 
-    def wait(self, seconds: Optional[float]) -> None:
-        """Block until served, or for at most ``seconds`` (``None``: no limit)."""
-        if seconds is None:
-            self.get()  # switches
-            return
-        timer = self.hub.loop.timer(seconds)
-        timer.start(self.switch, None)
-        try:
-            self.get()  # switches
-        finally:
-            timer.close()
+def wake(waiter: Waiter) -> None:
+    """Resume a blocked waiter, once; it finds what it was handed in ``result``."""
+    greenlet = waiter.greenlet
+    if greenlet is not None:
+        waiter.greenlet = None
+        greenlet.switch()  # switches
 
 
 class Orphanage:
@@ -277,6 +274,10 @@ class Orphanage:
     _waiters: Deque[Waiter] = deque()  # never has any: nobody waits for an orphan
     _idle: Deque[Entry[Any]] = deque()  # never has any: an orphan is never lent again
     _closed = True
+    _run_callback: Callable[..., Any] = print  # never called: nobody waits for an orphan
+    _handed: Deque[Waiter] = deque()
+    _wakeup_scheduled = True
+    _wake_handed: Callable[[], None] = print
 
     def _release(self, entry: Entry[Any]) -> None:
         pass

@@ -71,12 +71,13 @@ from typing import (
     Tuple,
     Type,
     TypeVar,
+    Union,
 )
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
-from greenlet import GreenletExit
+from greenlet import GreenletExit, getcurrent
 
 from geventconnpool import _arguments
 from geventconnpool._arguments import ExcClasses
@@ -94,6 +95,7 @@ from geventconnpool._lease import (
     TimedEntry,
     TracedEntry,
     Waiter,
+    wake,
 )
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._outage import OutageLog
@@ -258,7 +260,18 @@ class ConnectionPool(Generic[C]):
         self._last_error: Optional[BaseException] = None
         self._outage = OutageLog()
         self._reconnected = Event()  # set, and replaced, when a streak of failures ends
+        # The one timer that times out waiters, armed for the soonest deadline.
+        self._timeout_timer: Any = None
+        self._timeout_at = math.inf
+        self._time_out_waiters = functools.partial(_time_out_waiters, weakref.ref(self))
         self._loop = gevent.get_hub().loop
+        self._run_callback: Callable[..., Any] = self._loop.run_callback
+        self._hub = gevent.get_hub()
+        # Waiters handed a result, not woken yet: the hub wakes them in one
+        # callback, unless a caller about to block switches to one first.
+        self._handed: Deque[Waiter] = deque()
+        self._wakeup_scheduled = False
+        self._wake_handed: Callable[[], None] = functools.partial(_wake_handed, weakref.ref(self))
         # Watching idle connections (_watching.py): the closures of a burst, to
         # be logged as one line, and the streak of new connections dropped for
         # data nobody asked for (a greeting that _new_connection did not read).
@@ -400,7 +413,7 @@ class ConnectionPool(Generic[C]):
         entry = None
         # No clock is read here: the maintenance greenlet recycles idle
         # connections when their lifetime ends, and marks as stale those idle
-        # past check_after.  What _lent() does is inlined, to save a call.
+        # past check_after.  What _acquire() does at its end is inlined, to save a call.
         if idle and self._owner._is_owned():  # an idle entry means nobody waits
             entry = idle.pop()
             entry.loan = LENT
@@ -455,7 +468,10 @@ class ConnectionPool(Generic[C]):
         self._closed = True
         closed_error = PoolClosed(f"pool {self.name!r} is closed")
         while self._waiters:
-            self._waiters.popleft().serve(closed_error)
+            self._hand_over(closed_error)
+        if self._timeout_timer is not None:
+            self._timeout_timer.close()
+            self._timeout_timer, self._timeout_at = None, math.inf
         idle = list(self._idle)
         self._idle.clear()
         for entry in idle:
@@ -634,11 +650,14 @@ class ConnectionPool(Generic[C]):
         """Lend a connection, checked if need be: the general path of :meth:`get`.
 
         ``entry`` is an idle entry that :meth:`get` already took, if any.
+        Every caller that waits under load comes through here, so the wait
+        itself is inlined: a waiter, a deadline, no timer of its own (see
+        :meth:`_watch_deadline`).
         """
-        if entry is None:
+        if entry is None and (not self._owner._is_owned() or self._forked):
             self._check_thread_and_fork()
-        limit = self.timeout if timeout is None else timeout
-        deadline = math.inf if limit is None else _now() + limit
+        limit = self._timeout if timeout is None else timeout
+        deadline = None if limit is None else _now() + limit
         while True:
             if entry is None:
                 if self._closed:
@@ -648,10 +667,34 @@ class ConnectionPool(Generic[C]):
                     if entry.watching == WATCHED:
                         entry.watcher.stop()
                         entry.watching = UNWATCHED
-                elif self.fail_fast and self._unavailable():
+                elif self._fail_fast and self._unavailable():
                     raise self._unavailable_error()
                 else:
-                    entry = self._wait_for_entry(deadline, limit)  # switches
+                    waiter = Waiter(deadline)
+                    self._waiters.append(waiter)
+                    if deadline is not None and deadline < self._timeout_at:
+                        self._watch_deadline(deadline)
+                    waiter.greenlet = getcurrent()
+                    try:
+                        if self._handed:
+                            # Block by waking the oldest waiter handed a connection: a switch
+                            # straight to it, instead of one to the hub and one from it.
+                            wake(self._handed.popleft())  # switches
+                        else:
+                            self._hub.switch()  # switches
+                    except BaseException:
+                        self._abandon(waiter)
+                        raise
+                    result = waiter.result
+                    if result is None:  # the pool's timer woke it
+                        self._waiters.remove(waiter)
+                        self._timeouts += 1
+                        raise self._timeout_error(f"no connection became free within {limit} s")
+                    if isinstance(result, BaseException):
+                        # Every waiter served one error object raises a copy of its own:
+                        # raising the shared one would chain each waiter's traceback onto it.
+                        raise copy.copy(result) from result.__cause__
+                    entry = result
                     if self._closed:  # handed a connection just before close()
                         self._release(entry)  # switches
                         entry = None
@@ -666,12 +709,12 @@ class ConnectionPool(Generic[C]):
             if self._check_after is not None and now - entry.idle_since >= self._check_after:
                 # The check may not outlast the caller's deadline, nor may a
                 # run of failed checks (a black-holed remote) go on past it.
-                budget = deadline - now
+                budget = math.inf if deadline is None else deadline - now
                 if self.connect_timeout is not None:
                     budget = min(budget, self.connect_timeout)
-                if not self._check(entry, budget):  # switches
+                if not self._check(entry, None if budget == math.inf else budget):  # switches
                     entry = None
-                    if _now() >= deadline:
+                    if deadline is not None and _now() >= deadline:
                         self._timeouts += 1
                         raise self._timeout_error(f"found no healthy connection within {limit} s")
                     continue
@@ -680,10 +723,6 @@ class ConnectionPool(Generic[C]):
                     entry = None
                     continue
             break
-        return self._lent(entry, caller)
-
-    def _lent(self, entry: Entry[C], caller: Optional[FrameType]) -> Entry[C]:
-        """Count a checkout, and note where it came from for ``leak_warning``."""
         entry.loan = LENT
         self._checkouts += 1
         if caller is not None:
@@ -692,32 +731,39 @@ class ConnectionPool(Generic[C]):
             entry.lent_lasti = caller.f_lasti
         return entry
 
-    def _wait_for_entry(self, deadline: float, limit: Optional[float]) -> Entry[C]:
-        waiter = Waiter()
-        waiter.result = None
-        self._waiters.append(waiter)
-        try:
-            waiter.wait(None if deadline == math.inf else max(deadline - _now(), 0.0))  # switches
-        except BaseException:
-            self._abandon(waiter)
-            raise
-        result = waiter.result
-        if result is None:
-            self._waiters.remove(waiter)
-            self._timeouts += 1
-            raise self._timeout_error(f"no connection became free within {limit} s")
-        if isinstance(result, BaseException):
-            # Every waiter served one error object raises a copy of its own:
-            # raising the shared one would chain each waiter's traceback onto it.
-            raise copy.copy(result) from result.__cause__
-        return result
+    def _watch_deadline(self, deadline: float) -> None:
+        """Arm the pool's timeout timer for ``deadline``, sooner than it was (see :func:`_time_out_waiters`).
+
+        One timer serves every waiter: a caller that waits with the pool's
+        timeout has a later deadline than those before it, so under load the
+        timer is armed once per timeout period, not once per wait.
+        """
+        timer = self._timeout_timer
+        if timer is not None:
+            timer.close()
+        timer = self._loop.timer(max(deadline - _now(), 0.0))
+        timer.start(self._time_out_waiters)
+        self._timeout_timer, self._timeout_at = timer, deadline
 
     def _abandon(self, waiter: Waiter) -> None:
         """A waiter was interrupted: give back what it was handed, or leave the queue."""
+        waiter.greenlet = None
         if waiter.result is None:
             self._waiters.remove(waiter)
-        elif isinstance(waiter.result, Entry):
+            return
+        if waiter in self._handed:
+            self._handed.remove(waiter)
+        if isinstance(waiter.result, Entry):
             self._release(waiter.result)
+
+    def _hand_over(self, result: Union[Entry[C], BaseException]) -> None:
+        """Give ``result`` to the first waiter; the hub wakes it soon, unless a caller does first."""
+        waiter = self._waiters.popleft()
+        waiter.result = result
+        if not self._wakeup_scheduled:
+            self._wakeup_scheduled = True
+            self._run_callback(self._wake_handed)
+        self._handed.append(waiter)
 
     def _timeout_error(self, what: str) -> PoolTimeout:
         s = self.stats()
@@ -823,7 +869,7 @@ class ConnectionPool(Generic[C]):
                 return
             entry.idle_since = now
         if self._waiters:
-            self._waiters.popleft().serve(entry)
+            self._hand_over(entry)
         else:
             self._go_idle(entry)
 
@@ -964,7 +1010,7 @@ class ConnectionPool(Generic[C]):
         self._opened += 1
         self._entries.add(entry)
         if self._waiters:
-            self._waiters.popleft().serve(entry)
+            self._hand_over(entry)
         else:
             self._go_idle(entry)
 
@@ -1074,6 +1120,46 @@ class ConnectionPool(Generic[C]):
 
 
 _P = TypeVar("_P", bound=ConnectionPool[Any])
+
+
+def _wake_handed(pool_ref: weakref.ref[ConnectionPool[Any]]) -> None:
+    """A hub callback: wake the waiters handed a result, oldest first (those no caller woke already)."""
+    pool = pool_ref()
+    if pool is None:
+        return
+    pool._wakeup_scheduled = False
+    handed = pool._handed
+    for _ in range(len(handed)):  # those handed since are woken by the next run
+        if not handed:
+            break
+        wake(handed.popleft())  # switches
+
+
+def _time_out_waiters(pool_ref: weakref.ref[ConnectionPool[Any]]) -> None:
+    """The pool's timeout timer fired: wake the waiters whose deadline has passed, and watch the next one.
+
+    A waiter woken with no result raises :class:`PoolTimeout`; one served in
+    the meantime keeps its connection.
+    """
+    pool = pool_ref()
+    if pool is None:
+        return
+    timer, pool._timeout_timer, pool._timeout_at = pool._timeout_timer, None, math.inf
+    if timer is not None:
+        timer.close()
+    now = _now()
+    soonest = math.inf
+    for waiter in pool._waiters:
+        deadline = waiter.deadline
+        if deadline is None:
+            continue
+        if deadline <= now:
+            if waiter.result is None:
+                pool._run_callback(wake, waiter)
+        else:
+            soonest = min(soonest, deadline)
+    if soonest != math.inf:
+        pool._watch_deadline(soonest)
 
 
 def _stop_all_of(watchers: List[Any]) -> None:

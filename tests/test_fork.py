@@ -120,6 +120,10 @@ def run_child(
     if pid == 0:  # the child: never return into pytest
         try:
             os.close(read_end)
+            # gevent runs its fork watchers (its resolver's thread pool resets there) at the start of
+            # the child's next loop iteration; after a plain os.fork() without reinit(), a child that
+            # resolved a name before then could hang, as gevent documents.  A turn of the loop first.
+            gevent.sleep(0.001)
             try:
                 report = {"result": child()}
             except BaseException:
