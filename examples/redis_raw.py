@@ -101,7 +101,6 @@ class RedisPool(ConnectionPool[RedisConnection]):
         return c
 
 
-
 def start_redis(directory: str) -> Tuple[subprocess.Popen[bytes], int]:
     """Start redis-server on a free loopback port, without persistence, and wait until it answers."""
     with socket.socket() as probe:
