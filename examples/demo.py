@@ -1,4 +1,4 @@
-"""A self-contained tour of geventconnpool: a local line server, a pool of three connections, a failure.
+"""A self-contained tour of geventconnpool: a local line server, a pool of three connections, failures.
 
 Run it from a checkout::
 
@@ -6,15 +6,25 @@ Run it from a checkout::
     python examples/demo.py
 
 It starts a tiny line-protocol server on 127.0.0.1 (a free port), fills a pool
-of three connections to it, runs ten requests from ten greenlets at once, cuts
-one connection from the server side to show the pool replacing it, and prints
-what happened at each step.  It exits with status 0 in a second or two.
+of three connections to it, runs ten requests from ten greenlets at once, and
+prints what happened at each step of two failures:
+
+- the server cuts a connection under a request: the request fails with
+  ``ConnectionError``, the pool discards that connection, and ``retry`` runs
+  the request again on another one.  This is what ``retry`` is for: nothing
+  could tell beforehand that the connection would break.
+- the server restarts while the three connections are idle: the pool sees
+  each one closed as soon as it happens (it watches idle connections), drops
+  them and opens new ones, so the requests that follow the restart all
+  succeed, without any retry.
+
+It exits with status 0 in a second or two.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import gevent
 from gevent import socket
@@ -29,9 +39,25 @@ class LineServer:
     def __init__(self) -> None:
         self.accepted = 0
         self.open: Dict[Tuple[str, int], socket.socket] = {}
-        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+        self.address: Tuple[str, int] = ("127.0.0.1", 0)  # a free port the first time, then the same one
+        self.server: Optional[StreamServer] = None
 
-    def handle(self, sock: socket.socket, address: Tuple[str, int]) -> None:
+    def start(self) -> None:
+        server = StreamServer(self.address, lambda sock, client: self.handle(server, sock, client))
+        server.start()
+        self.server, self.address = server, server.address
+
+    def stop(self) -> None:
+        """Stop listening and close every connection, as the server's process does when it exits."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        for client in list(self.open):
+            self.cut(client)
+
+    def handle(self, server: StreamServer, sock: socket.socket, address: Tuple[str, int]) -> None:
+        if server.closed:
+            return  # accepted just before the server stopped: closed unanswered, like the others
         self.accepted += 1
         self.open[address] = sock
         try:
@@ -74,15 +100,14 @@ class LinePool(ConnectionPool[socket.socket]):
 
 def main() -> int:
     server = LineServer()
-    server.server.start()
-    address = server.server.address
+    server.start()
+    address = server.address
     print(f"server listening on {address[0]}:{address[1]}")
 
     with LinePool(address, 3) as pool:
         pool.wait(timeout=5)
         print(f"pool filled: {server.accepted} connections opened; {pool!r}")
 
-        @retry(max_failures=2)
         def echo(text: str) -> str:
             with pool.get() as c:
                 c.sendall(b"ECHO " + text.encode() + b"\n")
@@ -95,7 +120,7 @@ def main() -> int:
 
         used: List[Tuple[str, int]] = []
 
-        @retry(max_failures=2)
+        @retry(max_failures=1)
         def echo_with_a_cut(text: str) -> str:
             with pool.get() as c:
                 used.append(c.getsockname())
@@ -111,13 +136,40 @@ def main() -> int:
         )
 
         pool.wait(timeout=5)
-        stats = pool.stats()
+        before = pool.stats()
         print(
-            f"pool full again: idle={stats.idle} opened={stats.opened} discarded={stats.discarded} "
-            f"checkouts={stats.checkouts}"
+            f"pool full again: idle={before.idle} opened={before.opened} discarded={before.discarded} "
+            f"checkouts={before.checkouts}"
+        )
+
+        server.stop()
+        gevent.sleep(0.2)  # the server takes a moment to come back; meanwhile the pool drops its connections
+        server.start()
+
+        def request_succeeds(i: int) -> bool:
+            """One request, without retry: does it get its reply?"""
+            try:
+                return echo(f"after the restart {i}") == f"after the restart {i}"
+            except OSError:
+                return False
+
+        jobs = [gevent.spawn(request_succeeds, i) for i in range(20)]
+        gevent.joinall(jobs, timeout=10)
+        failed = sum(1 for job in jobs if job.value is not True)
+        pool.wait(timeout=5)
+        after = pool.stats()
+        replaced = after.opened - before.opened
+        print(
+            f"the server restarted while the pool's {before.size} connections were idle: "
+            f"{len(jobs)} requests, {failed} failed; "
+            f"the pool replaced {replaced} connections the server closed "
+            f"(closed_while_idle={after.closed_while_idle})"
         )
     print(f"pool closed: {pool!r}")
-    server.server.stop()
+    server.stop()
+    if failed:
+        print("FAILED: requests failed after the restart")
+        return 1
     print("demo finished")
     return 0
 

@@ -10,6 +10,13 @@ REST server on 127.0.0.1 with a certificate from it, and runs a pool of
 and TLS handshakes once, in ``_new_connection``, and then serves many requests
 (HTTP/1.1 keep-alive).  The certificate is verified: a client that does not
 trust the throwaway CA is refused.
+
+The server then restarts while the three connections are idle.  The pool
+watches each idle connection's socket (an ``HTTPSConnection`` keeps it in
+``sock``), drops the ones the server closed as soon as that happens, and
+opens new ones: the requests that follow the restart all succeed, without
+any retry or any check before lending.  The same holds for connections the
+server closes after its keep-alive timeout.
 """
 
 # http.client and ssl are blocking stdlib modules: patch them first, the way
@@ -20,15 +27,16 @@ monkey.patch_all()
 
 import http.client  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
 import ssl  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple  # noqa: E402
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set  # noqa: E402
 
 import gevent  # noqa: E402
 import trustme  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from geventconnpool import ConnectionPool, retry  # noqa: E402
+from geventconnpool import ConnectionPool  # noqa: E402
 
 HOST = "127.0.0.1"
 
@@ -59,6 +67,25 @@ def rest_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Ite
 
 class RestServer(WSGIServer):
     """gevent's WSGI server, reporting refused TLS handshakes in one line instead of a traceback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: Set[Any] = set()
+
+    def handle(self, sock: Any, address: Any) -> None:
+        if self.closed:
+            return  # accepted just before the server stopped: closed unanswered, like the others
+        self.connections.add(sock)
+        try:
+            super().handle(sock, address)
+        finally:
+            self.connections.discard(sock)
+
+    def exit(self) -> None:
+        """Stop listening and close every connection, as the server's process does when it exits."""
+        self.stop()
+        for sock in list(self.connections):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         try:
@@ -102,18 +129,23 @@ def call(pool: ApiPool, method: str, path: str, body: Optional[Dict[str, Any]] =
     return json.loads(data)
 
 
-@retry(exc_classes=(OSError, http.client.HTTPException), max_failures=2)
 def get_user(pool: ApiPool, user_id: int) -> Any:
-    """Fetch a user; a connection that broke is discarded by the pool, and retry uses another one."""
+    """Fetch a user."""
     return call(pool, "GET", f"/users/{user_id}")
+
+
+def start_server(port: int, context: ssl.SSLContext) -> RestServer:
+    """The REST API on ``HOST:port`` (0 for a free port), with TLS."""
+    server = RestServer((HOST, port), rest_app, ssl_context=context, log=None, error_log=None)
+    server.start()
+    return server
 
 
 def main() -> int:
     ca = trustme.CA()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert(HOST).configure_cert(server_context)
-    server = RestServer((HOST, 0), rest_app, ssl_context=server_context, log=None, error_log=None)
-    server.start()
+    server = start_server(0, server_context)
     port = server.address[1]
     print(f"HTTPS server listening on {HOST}:{port}, certificate from a throwaway CA")
 
@@ -145,15 +177,41 @@ def main() -> int:
         except ApiError as error:
             print(f"an API error leaves the connection in the pool: {error}")
 
-        stats = pool.stats()
+        before = pool.stats()
         print(
-            f"{stats.checkouts} requests over {len(CLIENT_PORTS)} TCP connections "
-            f"(opened={stats.opened}, discarded={stats.discarded})"
+            f"{before.checkouts} requests over {len(CLIENT_PORTS)} TCP connections "
+            f"(opened={before.opened}, discarded={before.discarded})"
         )
-        result: Tuple[int, int] = (stats.opened, len(CLIENT_PORTS))
-    server.stop(timeout=5)
-    if result != (3, 3):
-        print(f"FAILED: expected 3 connections, saw {result}")
+        if (before.opened, len(CLIENT_PORTS)) != (3, 3):
+            print(f"FAILED: expected 3 connections, saw {(before.opened, len(CLIENT_PORTS))}")
+            return 1
+
+        server.exit()
+        gevent.sleep(0.2)  # the server takes a moment to come back; meanwhile the pool drops its connections
+        server = start_server(port, server_context)
+
+        def request_succeeds(user_id: int) -> bool:
+            """One GET, without retry: does it get its user?"""
+            try:
+                return bool(get_user(pool, user_id)["id"] == user_id)
+            except (OSError, http.client.HTTPException, ApiError):
+                return False
+
+        jobs = [gevent.spawn(request_succeeds, 1 + i % 2) for i in range(20)]
+        gevent.joinall(jobs, timeout=20)
+        failed = sum(1 for job in jobs if job.value is not True)
+        pool.wait(timeout=10)
+        after = pool.stats()
+        replaced = after.opened - before.opened
+        print(
+            f"the server restarted while the pool's {before.size} connections were idle: "
+            f"{len(jobs)} requests, {failed} failed; "
+            f"the pool replaced {replaced} connections the server closed "
+            f"(closed_while_idle={after.closed_while_idle})"
+        )
+    server.exit()
+    if failed:
+        print("FAILED: requests failed after the restart")
         return 1
     print("done")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import http.client
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -91,7 +92,7 @@ def restart_backend(backend):
 class Gunicorn:
     """A real gunicorn master and its two gevent workers, in a process group of their own."""
 
-    def __init__(self, backend, log_path: Path, preload: bool) -> None:
+    def __init__(self, backend, log_path: Path, preload: bool, keepalive: float) -> None:
         args = [
             sys.executable,
             "-m",
@@ -117,7 +118,7 @@ class Gunicorn:
             BACKEND_PORT=str(backend.port),
             BACKEND_CAFILE=backend.cafile,
             BACKEND_POOL_SIZE=str(POOL_SIZE),
-            BACKEND_KEEPALIVE="0.5",
+            BACKEND_KEEPALIVE=str(keepalive),
             # The same geventconnpool as the tests import, whether installed or not.
             PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
         )
@@ -180,11 +181,12 @@ class Gunicorn:
 
 @pytest.fixture
 def start_gunicorn(backend, tmp_path):
-    """Start gunicorn in front of ``backend``; whatever happens, it is gone when the test ends."""
+    """Start gunicorn in front of ``backend`` (its pools ping idle connections every ``keepalive`` seconds);
+    whatever happens, it is gone when the test ends."""
     started: List[Gunicorn] = []
 
-    def start(preload: bool) -> Gunicorn:
-        server = Gunicorn(backend, tmp_path / "gunicorn.log", preload)
+    def start(preload: bool, keepalive: float = 0.5) -> Gunicorn:
+        server = Gunicorn(backend, tmp_path / "gunicorn.log", preload, keepalive)
         started.append(server)
         server.wait_ready()
         return server
@@ -385,6 +387,66 @@ def test_requests_succeed_within_2_s_of_a_backend_restart_under_load(
     assert len(ended) == len(began), log
     assert sum(ended) == len(load.failed()), log
     assert server.stop() == 0, log
+
+
+def connections_by_worker(backend) -> Dict[Optional[int], int]:
+    """How many connections to ``backend`` each process holds open, by the pid it announced."""
+    return dict(collections.Counter(c.opener for c in backend.open_connections))
+
+
+def pool_stats_by_worker(port: int, workers: Set[int]) -> Dict[int, Dict[str, int]]:
+    """Each worker's ``/stats``, asked ``CONCURRENCY`` at a time until every worker has answered."""
+    reports: Dict[int, Dict[str, int]] = {}
+
+    def every_worker_answered() -> bool:
+        asking = gevent.pool.Pool(CONCURRENCY)
+        for status, pid, body in asking.map(lambda _: http_get(port, "/stats"), range(CONCURRENCY)):
+            assert status == 200, body
+            reports[int(pid)] = json.loads(body)
+        return set(reports) >= workers
+
+    wait_until(every_worker_answered, timeout=10, interval=0.01, message=lambda: f"answered: {set(reports)}")
+    return reports
+
+
+@requires_gunicorn
+@requires_trustme
+@pytest.mark.slow
+@pytest.mark.watchdog(60)
+def test_a_quiet_backend_restart_fails_no_request(leak_check, backend, restart_backend, start_gunicorn):
+    """The backend restarted while no request is in flight and both workers' pools hold only idle
+    connections: each worker replaces the connections the backend closed by itself (closed_while_idle in
+    its /stats, one log line), and every request that comes after that answers 200, with no outage."""
+    # A keepalive of a minute: no PING finds the closed connections, the watching of idle ones must.
+    server = start_gunicorn(preload=False, keepalive=60)
+    workers = set(server.worker_pids())
+    responses = send_requests(server.port, 100)
+    assert all(status == 200 for status, _, _ in responses.values()), server.log()
+    wait_until(
+        lambda: connections_by_worker(backend) == {pid: POOL_SIZE for pid in workers},
+        timeout=10,
+        message=lambda: f"connections by worker: {connections_by_worker(backend)}\n{server.log()}",
+    )
+
+    restart_backend()
+
+    def replaced_by_every_worker() -> bool:
+        stats = pool_stats_by_worker(server.port, workers)
+        return all(stats[pid]["closed_while_idle"] == stats[pid]["idle"] == POOL_SIZE for pid in workers)
+
+    wait_until(replaced_by_every_worker, timeout=10, interval=0.01, message=server.log)
+    responses = send_requests(server.port, REQUESTS)
+
+    wrong = {t: r for t, r in responses.items() if r[0] != 200 or r[2] != f"{t} {r[1]}\n"}
+    assert not wrong, f"{len(wrong)} wrong responses, e.g. {next(iter(wrong.items()))}\n{server.log()}"
+
+    def dropped() -> List[int]:
+        return [int(n) for n in re.findall(r"dropped (\d+) idle connections? that the remote", server.log())]
+
+    # One log line per worker, or more if the closures came in more than one burst.
+    wait_until(lambda: sum(dropped()) == len(workers) * POOL_SIZE, timeout=5, message=server.log)
+    assert "backend unavailable" not in server.log(), server.log()
+    assert server.stop() == 0, server.log()
 
 
 def tls_handshake_with(cafile: str, port: int) -> str:

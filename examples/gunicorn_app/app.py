@@ -10,7 +10,10 @@ connection and answers with the backend's reply, ``abc <pid>``;
 ``GET /stats`` answers the worker's ``pool.stats()`` as JSON, with the
 count of requests that failed since the worker started.
 
-While the backend is away, requests fail fast (503) and the worker logs the
+A quiet restart of the backend costs no request: the pool watches its idle
+connections, drops each one as soon as the backend closes it, and opens a
+new one once the backend is back, so the requests that come after that find
+working connections.  While the backend is away, requests fail fast (503) and the worker logs the
 outage once, when the first request fails, and once more with the count of
 failed requests when a request succeeds again: not a line per failed request.
 
@@ -78,7 +81,13 @@ class BackendConnection:
 
 
 class BackendPool(ConnectionPool[BackendConnection]):
-    """TLS connections to the backend on 127.0.0.1, checked with PING when idle."""
+    """TLS connections to the backend on 127.0.0.1, kept alive with PING when idle.
+
+    The pool itself drops a connection the backend closes while it is idle (a
+    restart, an idle timeout): it watches idle connections.  The PING is for
+    what only a round trip can tell: a firewall or NAT between here and the
+    backend that forgets an idle connection without a word.
+    """
 
     def __init__(self, port: int, cafile: str, size: int = 4, keepalive: float = 30.0) -> None:
         self.address = ("127.0.0.1", port)
@@ -174,16 +183,21 @@ pool = make_pool()
 outages = OutageLog()
 
 
-# The give-up line goes to DEBUG: a request that fails is counted by ``outages``,
+# One more attempt on another connection when a connection breaks under a
+# request: reset on the way, or closed by the backend in the very moment it was
+# lent, which no watching can see coming (ECHO is idempotent, so it may run
+# twice).  Stale idle connections need no retry: the pool drops them while idle.
+# A PoolError (the backend is down) gives up at once: fail_fast said so.  The
+# give-up line goes to DEBUG: a request that fails is counted by ``outages``,
 # which logs the first one of an outage rather than each of them.
 @retry(
-    max_failures=2,
+    max_failures=1,
     giveup=lambda error: isinstance(error, PoolError),
     logger=logger,
     max_failure_log_level=logging.DEBUG,
 )
 def echo(token: str) -> str:
-    """Ask the backend to echo ``token``; a broken connection is retried on another one."""
+    """Ask the backend to echo ``token``; a connection that breaks under it is retried once on another."""
     with pool.get() as backend:
         return backend.call("ECHO", token, os.getpid())
 
