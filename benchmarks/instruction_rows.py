@@ -43,6 +43,8 @@ COUNTS = {
     ("checkout", True): (100, 100, 600),
     ("contended", False): (3 * GREENLETS, 5 * GREENLETS, 25 * GREENLETS),
     ("contended", True): (1 * GREENLETS, 2 * GREENLETS, 6 * GREENLETS),
+    ("turn", False): (500, 1_000, 6_000),
+    ("turn", True): (100, 100, 600),
 }
 
 
@@ -50,7 +52,7 @@ COUNTS = {
 class Row:
     """One measured operation: which loop, and the keyword arguments of the pool (or design) it uses."""
 
-    section: str  # "checkout" or "contended"
+    section: str  # "checkout", "contended", or "turn" (a checkout, then one turn of the hub)
     name: str
     #: "pool" (this library), "queue" (a bare gevent.queue.Queue), "design021" (the 0.2.1 design),
     #: "null_with" (a with statement on a ready object) or "nothing" (the loop alone, or sleep(0) alone).
@@ -97,13 +99,22 @@ def rows() -> List[Row]:
         Row("contended", "0.2.1 design", "design021", {"timeout": 30.0}),
         Row("contended", SLEEP_ALONE, "nothing"),
     ]
-    return checkout + contended
+    # What watch_idle costs where it works: the hub turns between two checkouts, so the idle
+    # connection's watcher is started (by the hub) and stopped (by the next checkout).
+    turn = [
+        Row("turn", FEATURES_OFF, "pool"),
+        Row("turn", WATCH_IDLE, "pool", {"watch_idle": True}),
+        Row("turn", SLEEP_ALONE, "nothing"),
+    ]
+    return checkout + contended + turn
 
 
 def references(row: Row) -> List[str]:
     """The keys of the rows that ``row``'s ratios are taken against."""
     if row.section == "checkout":
         return [f"checkout: {BARE_QUEUE}", f"checkout: {FEATURES_OFF}"]
+    if row.section == "turn":
+        return [f"turn: {SLEEP_ALONE}", f"turn: {FEATURES_OFF}", f"checkout: {BARE_QUEUE}"]
     return [f"contended: {SLEEP_ALONE}"]
 
 
@@ -151,6 +162,29 @@ def socketpair_connect(keep: List[Any]) -> Callable[[], Any]:
         return mine
 
     return connect
+
+
+def turn_loop(row: Row, keep: List[Any]) -> Callable[[int], None]:
+    """``run(n)``: ``n`` checkouts by this greenlet, each followed by one turn of the hub (``sleep(0)``)."""
+    import gevent
+
+    sleep = gevent.sleep
+    if row.loop == "pool":
+        get = lender(row, socketpair_connect(keep))
+
+        def run(n: int) -> None:
+            for _ in repeat(None, n):
+                with get() as _c:
+                    pass
+                sleep(0)
+
+    else:
+
+        def run(n: int) -> None:
+            for _ in repeat(None, n):
+                sleep(0)
+
+    return run
 
 
 def checkout_loop(row: Row, keep: List[Any]) -> Callable[[int], None]:
@@ -275,7 +309,8 @@ def measure(row: Row, quick: bool) -> None:
     # with the machine's speed.  A long interval keeps the hub doing what it does natively.
     sys.setswitchinterval(1000.0)
     keep: List[Any] = []
-    run = checkout_loop(row, keep) if row.section == "checkout" else contended_loop(row, keep)
+    loops = {"checkout": checkout_loop, "contended": contended_loop, "turn": turn_loop}
+    run = loops[row.section](row, keep)
     warm_up, low, high = counts(row.section, quick)
     run(warm_up)
     # What was made so far is never collected: a collection's cost then depends only on

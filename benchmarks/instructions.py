@@ -207,10 +207,7 @@ def checkout_table(counted: Dict[str, Counted], spread: bool) -> Table:
     off = _value(counted, f"checkout: {FEATURES_OFF}")
     for c, v, cells in _rows(counted, "checkout", table, spread):
         cells.append(f"{v / queue:.2f}" if queue else "")
-        if c.row.is_pool and c.row.name != FEATURES_OFF and off is not None:
-            cells += [f"{v - off:+,.1f}", f"{(v - off) / queue:+.2f}" if queue else ""]
-        else:
-            cells += ["", ""]
+        cells += _over_features_off(c, v, off, queue)
         table.rows.append(cells)
         table.data[c.row.name] = {"instructions": v}
     return table
@@ -233,6 +230,33 @@ def contended_table(counted: Dict[str, Counted], spread: bool) -> Table:
         table.rows.append(cells)
         table.data[c.row.name] = {"instructions": v}
     return table
+
+
+def turn_table(counted: Dict[str, Counted], spread: bool) -> Table:
+    """Instructions per checkout followed by a turn of the hub: what watch_idle costs where it works."""
+    table = Table(
+        "Instructions per checkout followed by one turn of the hub: `with pool.get() as c: pass`,"
+        " then `gevent.sleep(0)`",
+        ["row", "instructions", *(["spread"] * spread), "over sleep(0) alone", "+ vs features off",
+         "+ x bare Queue"],
+        left_columns=1,
+    )  # fmt: skip
+    sleep = _value(counted, f"turn: {SLEEP_ALONE}")
+    off = _value(counted, f"turn: {FEATURES_OFF}")
+    queue = _value(counted, f"checkout: {BARE_QUEUE}")
+    for c, v, cells in _rows(counted, "turn", table, spread):
+        cells.append(f"{v - sleep:+,.1f}" if sleep and c.row.name != SLEEP_ALONE else "")
+        cells += _over_features_off(c, v, off, queue)
+        table.rows.append(cells)
+        table.data[c.row.name] = {"instructions": v}
+    return table
+
+
+def _over_features_off(c: Counted, v: float, off: Optional[float], queue: Optional[float]) -> List[str]:
+    """The cells "+ vs features off" and "+ x bare Queue" of a pool row with an option on; blank otherwise."""
+    if c.row.is_pool and c.row.name != FEATURES_OFF and off is not None:
+        return [f"{v - off:+,.1f}", f"{(v - off) / queue:+.2f}" if queue else ""]
+    return ["", ""]
 
 
 def _rows(
@@ -338,6 +362,7 @@ def run(args: argparse.Namespace) -> List[Table]:
     counted = count(valgrind, chosen, args.quick, jobs, args.repeat)
     print(f"\ncounted in {time.monotonic() - started:.0f} s\n", flush=True)
     spread = args.repeat > 1
-    measured = [t for t in (checkout_table(counted, spread), contended_table(counted, spread)) if t.rows]
+    tables = (checkout_table(counted, spread), contended_table(counted, spread), turn_table(counted, spread))
+    measured = [t for t in tables if t.rows]
     measured[-1].notes += notes(args.quick, args.repeat)
     return [*measured, targets_table(counted)]

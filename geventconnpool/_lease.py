@@ -17,6 +17,7 @@ from typing import (
     Callable,
     Deque,
     Generic,
+    List,
     Optional,
     Protocol,
     Tuple,
@@ -35,12 +36,15 @@ _now = time.monotonic
 
 # Where an entry is in its loan (Entry.loan).  A lease enters once and exits
 # once: each step checks the one before, so that a second exit, which would
-# put the connection in the pool twice, raises instead.
-IN_POOL = 0  # idle, connecting or being checked: no caller has it
-LENT = 1  # returned by get(), not entered yet
-ENTERED = 2  # inside its with block
+# put the connection in the pool twice, raises instead.  The hot paths write
+# these values literally, with the name in a comment: a global would cost a
+# lookup, and ``is`` on these constants is the cheapest test Python has.
+IN_POOL = False  # idle, connecting or being checked: no caller has it
+LENT = True  # returned by get(), not entered yet
+ENTERED = None  # inside its with block
 
 # Whether the hub watches an entry's socket (Entry.watching; see _watching.py).
+# The hot paths write them literally too.
 NEVER = -1  # no socket to watch (watch_idle off, or none found)
 UNWATCHED = 0  # lent, or taken out of the pool
 TO_WATCH = 1  # idle: the hub starts watching it before it next polls
@@ -58,6 +62,18 @@ def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException]
     if not issubclass(exc_type, Exception):
         return True
     return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
+
+
+def _no_socket() -> int:
+    return -1
+
+
+def _nothing() -> None:
+    pass
+
+
+def _forget(entry: Entry[Any]) -> None:
+    pass
 
 
 def exited_twice() -> RuntimeError:
@@ -90,8 +106,8 @@ class LendingPool(Protocol[C]):
     def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
         """Take back a held entry that broke: close it and open a replacement."""
 
-    def _watch_soon(self, entry: Entry[C]) -> None:
-        """Have the hub watch an entry that just went idle, from its next turn on."""
+    _to_watch: List[Entry[C]]  # idle entries the hub starts watching at its next turn
+    _start_watchers: Callable[[], None]
 
 
 class Entry(Generic[C]):
@@ -108,6 +124,7 @@ class Entry(Generic[C]):
         "conn",
         "expires_at",
         "fd",
+        "fileno",
         "idle_since",
         "lent_at",
         "lent_from",
@@ -131,7 +148,7 @@ class Entry(Generic[C]):
         self.lent_from: Optional[FrameType] = None
         self.lent_lasti = 0  # the offset of the get() call in lent_from's code
         self.stale = False  # idle past check_after: get() checks it before lending it
-        self.loan = IN_POOL
+        self.loan: Optional[bool] = IN_POOL
         # watch_idle (see _watching.py): the hub's watcher on the socket, active
         # while the entry is idle, its callback, and the socket and descriptor
         # it was made for; no watcher for a connection without a socket.
@@ -140,14 +157,15 @@ class Entry(Generic[C]):
         self.on_readable: Optional[Callable[[], None]] = None
         self.sock: Any = None
         self.fd = -1
+        self.fileno: Callable[[], int] = _no_socket
 
     def __enter__(self) -> C:
-        if self.loan != LENT:
+        if self.loan is not True:  # LENT
             raise RuntimeError(
                 "the context manager returned by pool.get() serves one with statement only, entered once: "
                 "call pool.get() again"
             )
-        self.loan = ENTERED
+        self.loan = None  # ENTERED
         return self.conn
 
     def __exit__(
@@ -156,25 +174,27 @@ class Entry(Generic[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        if self.loan != ENTERED:
+        if self.loan is not None:  # ENTERED
             raise exited_twice()
-        self.loan = IN_POOL
+        self.loan = False  # IN_POOL
         pool = self.pool
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
         elif pool._waiters:  # only an open pool has waiters; this entry never expires
             waiter = pool._waiters.popleft()  # ConnectionPool._hand_over(), inlined: a call less
+            self.loan = True  # LENT to the waiter already: the hub must not start watching it
             waiter.result = self
             if not pool._wakeup_scheduled:
                 pool._wakeup_scheduled = True
                 pool._run_callback(pool._wake_handed)
             pool._handed.append(waiter)
-        elif pool._closed:
-            pool._release(self)
-        else:
+        else:  # a closed pool's _idle is a ClosingIdle, that closes it: no test of it here
             pool._idle.append(self)
-            if self.watching == UNWATCHED:  # watch_idle: the hub watches it from its next turn
-                pool._watch_soon(self)
+            if self.watching == 0:  # UNWATCHED: for watch_idle, the hub watches it from its next turn
+                self.watching = 1  # TO_WATCH: ConnectionPool._watch_soon(), inlined
+                if not pool._to_watch:
+                    pool._run_callback(pool._start_watchers)
+                pool._to_watch.append(self)
 
 
 class TracedEntry(Entry[C]):
@@ -188,19 +208,22 @@ class TracedEntry(Entry[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        if self.loan != ENTERED:
+        if self.loan is not None:  # ENTERED
             raise exited_twice()
-        self.loan = IN_POOL
+        self.loan = False  # IN_POOL
         self.lent_from = None  # do not keep the borrower's frame, and its locals, alive
         pool = self.pool
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
-        elif pool._waiters or pool._closed:
+        elif pool._waiters:
             pool._release(self)
         else:
             pool._idle.append(self)
-            if self.watching == UNWATCHED:
-                pool._watch_soon(self)
+            if self.watching == 0:  # UNWATCHED
+                self.watching = 1  # TO_WATCH
+                if not pool._to_watch:
+                    pool._run_callback(pool._start_watchers)
+                pool._to_watch.append(self)
 
 
 class TimedEntry(Entry[C]):
@@ -215,22 +238,47 @@ class TimedEntry(Entry[C]):
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        if self.loan != ENTERED:
+        if self.loan is not None:  # ENTERED
             raise exited_twice()
-        self.loan = IN_POOL
+        self.loan = False  # IN_POOL
         pool = self.pool
         self.lent_from = None
         if exc_type is not None and breaks(exc_type, pool._exc_classes):
             pool._discard(self, exc)
             return
         now = _now()
-        if pool._waiters or pool._closed or now >= self.expires_at:
+        if pool._waiters or now >= self.expires_at:
             pool._release(self)
         else:
             self.idle_since = now
             pool._idle.append(self)
-            if self.watching == UNWATCHED:
-                pool._watch_soon(self)
+            if self.watching == 0:  # UNWATCHED
+                self.watching = 1  # TO_WATCH
+                if not pool._to_watch:
+                    pool._run_callback(pool._start_watchers)
+                pool._to_watch.append(self)
+
+
+class ClosingIdle(Deque[Entry[Any]]):
+    """What ``_idle`` becomes when its pool closes, and the orphanage's ``_idle``.
+
+    The entries' exits give a connection back by appending it to ``_idle``
+    without asking whether the pool is still open: once it is not, this
+    "deque" stays empty (so ``get()`` takes its slow path, which raises) and
+    hands each connection that comes back to ``release`` instead.  A test of
+    ``_closed`` in every exit would cost each checkout; this costs nothing.
+    (Swapping the entry's class would not do: a ``with`` statement has looked
+    up ``__exit__`` before its block runs.)
+    """
+
+    def __init__(self, release: Callable[[Entry[Any]], None]) -> None:
+        super().__init__()
+        self.release = release
+
+    def append(self, entry: Entry[Any]) -> None:
+        """Give back ``entry``: release it, and never watch it again."""
+        self.release(entry)
+        entry.watching = NEVER
 
 
 class Waiter:
@@ -272,7 +320,7 @@ class Orphanage:
 
     _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)
     _waiters: Deque[Waiter] = deque()  # never has any: nobody waits for an orphan
-    _idle: Deque[Entry[Any]] = deque()  # never has any: an orphan is never lent again
+    _idle: Deque[Entry[Any]] = ClosingIdle(_forget)  # never has any: an orphan is never lent again
     _closed = True
     _run_callback: Callable[..., Any] = print  # never called: nobody waits for an orphan
     _handed: Deque[Waiter] = deque()
@@ -285,8 +333,8 @@ class Orphanage:
     def _discard(self, entry: Entry[Any], error: Optional[BaseException]) -> None:
         pass
 
-    def _watch_soon(self, entry: Entry[Any]) -> None:
-        pass
+    _to_watch: List[Entry[Any]] = []  # never has any: nobody watches an orphan
+    _start_watchers: Callable[[], None] = staticmethod(_nothing)
 
 
 ORPHANAGE: LendingPool[Any] = Orphanage()

@@ -35,6 +35,7 @@ in one line.
 
 from __future__ import annotations
 
+import _socket
 import functools
 import logging
 import ssl
@@ -169,6 +170,10 @@ def watch(entry: Entry[Any], sock: Any, loop: Any, watchers: Set[Any]) -> None:
         return
     entry.sock = sock
     entry.fd = fd
+    # Asked before each start: the C socket's own fileno() where gevent's
+    # socket wraps one (its _sock), not the Python method around it.
+    raw = getattr(sock, "_sock", None)
+    entry.fileno = raw.fileno if isinstance(raw, _socket.socket) else sock.fileno
     entry.watcher = loop.io(fd, 1, ref=False)  # ref=False: idle connections never keep the loop alive
     entry.watching = UNWATCHED
     entry.on_readable = functools.partial(readable, weakref.ref(entry))
@@ -203,9 +208,9 @@ def start_watchers(pool_ref: weakref.ref[WatchingPool[Any]]) -> None:
         for entry in pending:
             if entry.watching != TO_WATCH:
                 continue  # taken out of the pool meanwhile, or watched already
-            if entry.loan != IN_POOL:
+            if entry.loan is not IN_POOL:
                 entry.watching = UNWATCHED  # lent meanwhile: watched again when it comes back
-            elif entry.sock.fileno() == entry.fd:
+            elif entry.fileno() == entry.fd:
                 entry.watcher.start(entry.on_readable)
                 entry.watching = WATCHED
             else:  # closed, or replaced, during its last loan

@@ -84,12 +84,14 @@ from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
 from geventconnpool._lease import (
+    IN_POOL,
     LENT,
     NEVER,
     ORPHANAGE,
     TO_WATCH,
     UNWATCHED,
     WATCHED,
+    ClosingIdle,
     Entry,
     LendingPool,
     TimedEntry,
@@ -124,6 +126,7 @@ C = TypeVar("C")
 # at a third of the cost of comparing _thread.get_ident() on every checkout.
 _ThreadLock: Callable[[], Any] = get_original("_thread", "RLock")
 _now = time.monotonic
+_getframe = sys._getframe
 _pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
 # What interrupts a caller rather than reports a failure: the caller's own
 # gevent.Timeout, a kill, Ctrl-C, sys.exit().
@@ -282,7 +285,7 @@ class ConnectionPool(Generic[C]):
         self._custom_idle_readable = type(self)._idle_readable is not ConnectionPool._idle_readable
         self._watchers: Set[Any] = set()  # every watcher of the pool's, stopped if it is collected
         self._to_watch: List[Entry[C]] = []  # idle entries the hub starts watching at its next turn
-        self._start_watchers = functools.partial(start_watchers, weakref.ref(self))
+        self._start_watchers: Callable[[], None] = functools.partial(start_watchers, weakref.ref(self))
         weakref.finalize(self, stop_all, self._watchers)
         # Threads and fork.
         self._owner = _ThreadLock()
@@ -416,23 +419,23 @@ class ConnectionPool(Generic[C]):
         # past check_after.  What _acquire() does at its end is inlined, to save a call.
         if idle and self._owner._is_owned():  # an idle entry means nobody waits
             entry = idle.pop()
-            entry.loan = LENT
-            if entry.watching == WATCHED:  # watch_idle: not while it is lent
+            entry.loan = True  # LENT
+            if entry.watching == 2:  # WATCHED: for watch_idle, not while it is lent
                 entry.watcher.stop()
                 entry.watching = UNWATCHED
             if self._plain_checkout:
-                self._checkouts += 1
+                self._checkouts += 1.0
                 return entry
             if not entry.stale:
-                self._checkouts += 1
+                self._checkouts += 1.0
                 if self._leak_warning is not None:
                     entry.lent_at = _now()
-                    entry.lent_from = caller = sys._getframe(1)
+                    entry.lent_from = caller = _getframe(1)
                     entry.lent_lasti = caller.f_lasti
                 return entry
         # The general path: a stale entry to check, or none idle.  Only
         # leak_warning needs the caller's frame, which costs to get.
-        return self._acquire(timeout, sys._getframe(1) if self._leak_warning is not None else None, entry)
+        return self._acquire(timeout, _getframe(1) if self._leak_warning is not None else None, entry)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until all ``size`` connections are open.
@@ -473,7 +476,7 @@ class ConnectionPool(Generic[C]):
             self._timeout_timer.close()
             self._timeout_timer, self._timeout_at = None, math.inf
         idle = list(self._idle)
-        self._idle.clear()
+        self._idle = ClosingIdle(self._release)  # the held ones: closed when they come back
         for entry in idle:
             self._entries.discard(entry)
         self._slots.clear()
@@ -517,7 +520,7 @@ class ConnectionPool(Generic[C]):
             in_use=len(self._entries) - len(self._idle),
             connecting=self._connecting,
             waiting=len(self._waiters),
-            checkouts=self._checkouts,
+            checkouts=int(self._checkouts),
             opened=self._opened,
             failed_connects=self._failed_connects,
             discarded=self._discarded,
@@ -724,7 +727,7 @@ class ConnectionPool(Generic[C]):
                     continue
             break
         entry.loan = LENT
-        self._checkouts += 1
+        self._checkouts += 1.0
         if caller is not None:
             entry.lent_at = _now()
             entry.lent_from = caller
@@ -759,6 +762,8 @@ class ConnectionPool(Generic[C]):
     def _hand_over(self, result: Union[Entry[C], BaseException]) -> None:
         """Give ``result`` to the first waiter; the hub wakes it soon, unless a caller does first."""
         waiter = self._waiters.popleft()
+        if isinstance(result, Entry):
+            result.loan = LENT  # the waiter's already: the hub must not start watching it
         waiter.result = result
         if not self._wakeup_scheduled:
             self._wakeup_scheduled = True
@@ -875,6 +880,7 @@ class ConnectionPool(Generic[C]):
 
     def _go_idle(self, entry: Entry[C]) -> None:
         """Put an entry nobody waits for in ``_idle``, to be watched (as the entries' exits do)."""
+        entry.loan = IN_POOL
         self._idle.append(entry)
         if entry.watching == UNWATCHED:
             self._watch_soon(entry)
@@ -1064,7 +1070,8 @@ class ConnectionPool(Generic[C]):
         return None if self.connect_timeout is None else self.connect_timeout + 1.0
 
     def _reset_counters(self) -> None:
-        self._checkouts = self._opened = self._failed_connects = self._discarded = 0
+        self._checkouts = 0.0  # a float: adding to one costs less than to an int past 256
+        self._opened = self._failed_connects = self._discarded = 0
         self._recycled = self._keepalive_failures = self._timeouts = self._closed_while_idle = 0
 
     def _drop_after_fork(self) -> None:
