@@ -486,7 +486,9 @@ class ConnectionPool(Generic[C]):
         try:
             # Each background greenlet stops at its next switch; one stuck in
             # a hook that swallows the kill still ends with connect_timeout.
-            gevent.killall(background, block=True, timeout=self._kill_timeout())  # switches
+            # (killall's own timeout would raise gevent.Timeout; joinall's returns.)
+            gevent.killall(background, block=False)
+            gevent.joinall(background, timeout=self._kill_timeout())  # switches
             stuck = [g for g in background if not g.dead]
             if stuck:
                 logger.warning(

@@ -261,3 +261,33 @@ class LogCapture:
 
     def clear(self) -> None:
         self.caplog.clear()
+
+
+LOGGER = "geventconnpool"
+
+
+class ControlFlow(BaseException):
+    """A BaseException that is neither an Exception nor a gevent.Timeout, as some libraries raise."""
+
+
+class Conn:
+    """A black-box connection that the pool can close."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> List[str]:
+    """The WARNING lines that the pool logged."""
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+
+
+class DownPool(LinePool):
+    """A line pool that retries failed connects every 0.1 to 0.2 s."""
+
+    RECONNECT_DELAY = 0.2
+    RECONNECT_MAX_DELAY = 0.2

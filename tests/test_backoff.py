@@ -3,8 +3,10 @@
 import math
 
 import pytest
+from doubles import DownPool
+from helpers import LineServer, recv_line, wait_until
 
-from geventconnpool import ConnectionPool
+from geventconnpool import ConnectionPool, PoolTimeout, PoolUnavailable
 from geventconnpool._backoff import backoff_delay
 
 
@@ -109,3 +111,37 @@ def test_huge_attempts_do_not_overflow(attempt):
     assert backoff_delay(attempt, initial=0.1, factor=2.0, cap=10.0) == 10.0
     assert backoff_delay(attempt, initial=0.1, factor=2.0, cap=10.0, jitter=0.5, uniform=lambda: 0.5) == 7.5
     assert backoff_delay(attempt, initial=0.1, factor=2.0) == math.inf
+
+
+def test_pool_unavailable_says_when_the_next_connect_attempt_is(leak_check):
+    """PoolUnavailable carries retry_after, the seconds until the pool's next connect attempt."""
+    server = LineServer()
+    server.start()
+    server.stop()
+    with DownPool(server, 1, fail_fast=True) as pool:
+        wait_until(lambda: pool.stats().failed_connects >= 1)
+        with pytest.raises(PoolUnavailable) as info:
+            pool.get()
+        assert 0 <= info.value.retry_after <= DownPool.RECONNECT_MAX_DELAY + 0.01  # a few ms past the attempt
+    leak_check()
+
+
+def test_pool_timeout_has_retry_after_only_while_the_remote_is_down(line_server, leak_check):
+    """A PoolTimeout raised during an outage carries retry_after; one raised while the pool is only busy has
+    retry_after None.
+    """
+    with DownPool(line_server, 1, timeout=0.05) as pool:
+        with pool.get():
+            with pytest.raises(PoolTimeout) as info:
+                pool.get()
+            assert info.value.retry_after is None
+        line_server.stop()
+        with pytest.raises(OSError), pool.get() as c:
+            c.sendall(b"PING\n")
+            recv_line(c)
+        wait_until(lambda: pool.stats().failed_connects >= 1)
+        with pytest.raises(PoolTimeout) as info:
+            pool.get()
+        assert info.value.retry_after is not None
+        assert 0 <= info.value.retry_after <= DownPool.RECONNECT_MAX_DELAY + 0.01  # a few ms past the attempt
+    leak_check()

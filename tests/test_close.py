@@ -78,6 +78,36 @@ def test_close_while_connecting_stops_the_connect_greenlets(leak_check):
     leak_check()
 
 
+def test_close_stops_waiting_for_a_hook_that_swallows_the_kill(caplog, leak_check):
+    """A connect hook that swallows the kill cannot hold close() past connect_timeout + 1 s: close()
+    returns, says so in one WARNING, and the connection the hook opens late is closed, not pooled."""
+    opened: List[FakeConn] = []
+
+    class Stubborn(FakePool):
+        def _new_connection(self) -> FakeConn:
+            until = time.monotonic() + 2.0  # longer than close() waits: connect_timeout + 1 s
+            while time.monotonic() < until:
+                try:
+                    gevent.sleep(until - time.monotonic())
+                except BaseException:  # as some libraries do: a kill or a timeout taken for a failure
+                    pass
+            opened.append(FakeConn(1))
+            return opened[-1]
+
+    pool = Stubborn(1, connect_timeout=0.2)
+    gevent.sleep(0)  # the connect greenlet is in the hook
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="geventconnpool"):
+        pool.close()
+    assert 1.2 <= time.monotonic() - started < 1.8
+    assert [r.getMessage() for r in caplog.records if "did not stop" in r.getMessage()] == [
+        f"pool {pool.name!r}: closed, but 1 background greenlets did not stop"
+    ]
+    wait_until(lambda: len(opened) == 1 and opened[0].closed == 1)
+    assert pool.stats().idle == 0
+    leak_check()
+
+
 def test_close_closes_connections_taken_for_a_keepalive_check(line_server, leak_check):
     """close() closes every connection once, even those the keepalive took out for a check that has not run
     yet.

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, List
 
 import gevent
 import pytest
-from doubles import FakePool, FalsyConn, FastLinePool, FastReconnect
+from doubles import Conn, ControlFlow, FakePool, FalsyConn, FastLinePool, FastReconnect
 from faultproxy import FaultProxy
 from gevent import socket
 from helpers import LinePool, LineServer, recv_line, request, wait_until
@@ -362,4 +362,28 @@ def test_fail_fast_wakes_waiters_blocked_when_the_outage_starts(line_server, lea
         wait_until(lambda: pool.stats().idle == 1)
         assert request(pool, b"PING") == b"PONG"
     line_server.stop()  # its new listening socket is not a leak
+    leak_check()
+
+
+def test_a_base_exception_from_new_connection_is_a_failed_attempt(leak_check, capsys):
+    """1.0: a BaseException raised by _new_connection escaped the connect greenlet, printed a traceback and
+    left connecting=1 for ever; now it is a failed attempt like any other, retried with backoff.
+    """
+    made: List[Conn] = []
+
+    def factory() -> Conn:
+        if len(made) < 3 and not getattr(factory, "healed", False):
+            made.append(Conn(-1))
+            raise ControlFlow("not now")
+        conn = Conn(len(made))
+        made.append(conn)
+        return conn
+
+    with FakePool(1, factory=factory, timeout=5) as pool:
+        pool.wait(timeout=5)
+        s = pool.stats()
+        assert (s.idle, s.connecting, s.failed_connects) == (1, 0, 3)
+        with pool.get() as c:
+            assert c is made[-1]
+    assert "Traceback" not in capsys.readouterr().err
     leak_check()

@@ -6,17 +6,28 @@ import imaplib
 import logging
 import ssl
 
+# -- exc_classes -----------------------------------------------------------------------------------
+from typing import Any
+
 import gevent
 import pytest
-from doubles import FLAVOURS, FakePool, FastLinePool, LineTrackingPool, RecordingLinePool
+from doubles import (
+    FLAVOURS,
+    LOGGER,
+    Conn,
+    ControlFlow,
+    FakePool,
+    FastLinePool,
+    LineTrackingPool,
+    RecordingLinePool,
+    warnings_of,
+)
 from gevent import socket
 from gevent.event import Event
-from helpers import LineServer, raise_in_block, recv_line, request, wait_until
+from helpers import LinePool, LineServer, raise_in_block, recv_line, request, wait_until
 from reliability_checks import check_closed, check_recovered
 
 from geventconnpool import PoolTimeout, PoolUnavailable, retry
-
-# -- exc_classes -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
@@ -299,4 +310,37 @@ def test_a_hanging_close_connection_is_bounded_by_connect_timeout(caplog, leak_c
         assert [r.levelno for r in timeouts] == [logging.DEBUG]
         assert "_close_connection() exceeded connect_timeout=0.2" in str(timeouts[0].exc_info[1])
         pool.wait(timeout=5)
+    leak_check()
+
+
+def test_a_base_exception_from_a_background_close_is_logged_and_ignored(leak_check, capsys, caplog):
+    """1.0: a BaseException raised by _close_connection in a background close escaped with a traceback; now
+    it is logged at DEBUG and ignored, like any error of that hook.
+    """
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    class Pool(FakePool):
+        def _close_connection(self, c: Any) -> None:
+            super()._close_connection(c)
+            raise ControlFlow("cannot say goodbye")
+
+    counter = iter(range(1000))
+    with Pool(1, factory=lambda: Conn(next(counter)), max_lifetime=0.05) as pool:
+        wait_until(lambda: pool.stats().recycled >= 2 and pool.stats().idle == 1)
+    assert "Traceback" not in capsys.readouterr().err
+    debug = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG]
+    assert any("_close_connection() failed" in m for m in debug), debug
+    leak_check()
+
+
+def test_a_connection_broken_in_a_block_logs_one_warning(line_server, leak_check, caplog):
+    """A connection whose block raised one of exc_classes logs one WARNING naming the pool and the error."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with LinePool(line_server, 1, name="blk-pool") as pool:
+        with pytest.raises(OSError), pool.get():
+            raise OSError("the reply was garbage")
+        warnings = warnings_of(caplog)
+        assert len(warnings) == 1, warnings
+        assert "blk-pool" in warnings[0] and "the reply was garbage" in warnings[0]
+    line_server.stop()
     leak_check()

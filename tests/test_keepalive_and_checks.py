@@ -5,9 +5,21 @@ from __future__ import annotations
 import logging
 import time
 
+# -- keepalive -------------------------------------------------------------------------------------
+from typing import Any
+
 import gevent
 import pytest
-from doubles import FakePool, FastLinePool, LineTrackingPool, RecordingLinePool
+from doubles import (
+    LOGGER,
+    Conn,
+    ControlFlow,
+    FakePool,
+    FastLinePool,
+    LineTrackingPool,
+    RecordingLinePool,
+    warnings_of,
+)
 from faultproxy import FaultProxy
 from gevent import socket
 from gevent.event import Event
@@ -15,8 +27,6 @@ from helpers import LinePool, LineServer, local_port, pool_greenlets, recv_line,
 from reliability_checks import check_closed
 
 from geventconnpool import PoolClosed, PoolTimeout
-
-# -- keepalive -------------------------------------------------------------------------------------
 
 
 class TaggedKeepalivePool(RecordingLinePool):
@@ -317,4 +327,60 @@ def test_a_check_ending_after_close_began_raises_pool_closed(leak_check, check):
     assert pool.stats().checkouts == 0
     if check == "passes":
         assert pool.stats().keepalive_failures == 0
+    leak_check()
+
+
+def test_a_base_exception_from_a_background_keepalive_discards_the_connection(leak_check, capsys, caplog):
+    """1.0: a BaseException raised by _keepalive in the background escaped its greenlet with a traceback;
+    now it is a failed check: the connection is discarded and replaced.
+    """
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    class Pool(FakePool):
+        def _keepalive(self, c: Any) -> None:
+            if c.number == 0:
+                raise ControlFlow("bad ping")
+
+    counter = iter(range(1000))
+    with Pool(1, factory=lambda: Conn(next(counter)), keepalive=0.01) as pool:
+        wait_until(lambda: pool.stats().keepalive_failures == 1 and pool.stats().idle == 1)
+        with pool.get() as c:
+            assert c.number == 1
+        assert pool.stats().discarded == 1
+    assert "Traceback" not in capsys.readouterr().err
+    leak_check()
+
+
+def test_a_failed_background_keepalive_logs_one_warning(line_server, leak_check, caplog):
+    """1.0: a failed keepalive check logged "keepalive check failed" and then "discarding a broken
+    connection": two WARNING lines for one connection; now one line names the pool, the check and the error.
+    """
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with LinePool(line_server, 1, keepalive=0.02, name="ka-pool", watch_idle=False) as pool:
+        pool.wait(timeout=5)
+        line_server.cut_all()
+        wait_until(lambda: pool.stats().keepalive_failures == 1)
+        warnings = warnings_of(caplog)
+        assert len(warnings) == 1, warnings
+        assert "ka-pool" in warnings[0] and "keepalive" in warnings[0] and "Error" in warnings[0]
+        pool.wait(timeout=5)
+    line_server.stop()
+    leak_check()
+
+
+def test_a_failed_check_after_logs_one_warning(line_server, leak_check, caplog):
+    """1.0: a check_after check that failed in get() logged two WARNING lines; now one, naming the check."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with LinePool(line_server, 1, check_after=0.01, name="ca-pool", watch_idle=False) as pool:
+        pool.wait(timeout=5)
+        line_server.cut_all()
+        wait_until(lambda: line_server.closed == 1)
+        gevent.sleep(0.1)  # a precondition, not the thing asserted: idle past check_after, so get() checks it
+        with pool.get() as c:
+            c.sendall(b"PING\n")
+            assert recv_line(c) == b"PONG"
+        warnings = warnings_of(caplog)
+        assert len(warnings) == 1, warnings
+        assert "ca-pool" in warnings[0] and "check_after" in warnings[0]
+    line_server.stop()
     leak_check()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 
+# -- what get() lends and takes back ---------------------------------------------------------------
+from typing import Any
+
 import gevent
 import pytest
-from doubles import FLAVOURS, FakeConn, FakePool, LineTrackingPool, RecordingLinePool, holds
+from doubles import FLAVOURS, Conn, FakeConn, FakePool, LineTrackingPool, RecordingLinePool, holds
 from helpers import LinePool, raise_in_block, recv_line, request, wait_until
 from reliability_checks import check_closed
 
 from geventconnpool import PoolError, PoolTimeout
-
-# -- what get() lends and takes back ---------------------------------------------------------------
 
 
 def test_get_hands_back_the_object_new_connection_returned(line_server, leak_check):
@@ -357,3 +358,60 @@ def test_a_waiter_killed_as_it_is_handed_a_connection_loses_nothing(leak_check, 
         s = pool.stats()
         assert s.idle + s.in_use + s.connecting == 1 and s.waiting == 0
     leak_check()
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_a_second_exit_of_a_lease_raises_and_changes_nothing(flavour, leak_check):
+    """1.0: exiting a lease twice put its connection in the pool twice (idle=2, in_use=-1 on a pool of 1),
+    so two callers then held one connection; now the second exit raises RuntimeError and changes nothing.
+    """
+
+    class Pool(FakePool):
+        def _keepalive(self, c: Any) -> None:
+            pass
+
+    counter = iter(range(1000))
+    with Pool(1, factory=lambda: Conn(next(counter)), **FLAVOURS[flavour]) as pool:
+        pool.wait(timeout=5)
+        lease = pool.get()
+        lease.__enter__()
+        lease.__exit__(None, None, None)
+        with pytest.raises(RuntimeError, match="once"):
+            lease.__exit__(None, None, None)
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.connecting) == (1, 0, 0)
+        with pool.get() as c:
+            assert pool.stats().idle == 0
+            with pytest.raises(PoolTimeout):
+                pool.get(timeout=0)
+        assert c.number == 0
+
+
+def test_a_second_exit_after_a_discard_raises_and_discards_nothing_more(leak_check):
+    """A lease whose block broke its connection, exited again, raises RuntimeError and discards no other."""
+    counter = iter(range(1000))
+    with FakePool(1, factory=lambda: Conn(next(counter))) as pool:
+        pool.wait(timeout=5)
+        lease = pool.get()
+        lease.__enter__()
+        error = OSError("broken")
+        lease.__exit__(OSError, error, None)
+        pool.wait(timeout=5)
+        with pytest.raises(RuntimeError, match="once"):
+            lease.__exit__(OSError, error, None)
+        assert pool.stats().discarded == 1
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.connecting) == (1, 0, 0)
+
+
+def test_exiting_a_lease_that_was_never_entered_raises(leak_check):
+    """A lease exited without being entered raises RuntimeError: only a with statement gives a loan back."""
+    counter = iter(range(1000))
+    with FakePool(1, factory=lambda: Conn(next(counter))) as pool:
+        pool.wait(timeout=5)
+        lease = pool.get()
+        with pytest.raises(RuntimeError):
+            lease.__exit__(None, None, None)
+        with lease:
+            pass
+        assert pool.stats().idle == 1

@@ -8,11 +8,12 @@ import time
 
 import gevent
 import pytest
-from doubles import FastLinePool
+from doubles import LOGGER, Conn, FakePool, FastLinePool, warnings_of
 from helpers import LinePool, recv_line, request, wait_until
 
 import geventconnpool
 from geventconnpool import PoolError, PoolStats, PoolTimeout
+from geventconnpool._outage import OutageLog
 
 
 def test_stats_is_a_frozen_dataclass_with_the_documented_fields(line_server, leak_check):
@@ -191,4 +192,68 @@ def test_outage_logs_a_handful_of_warnings_and_recovery_at_info(line_server, lea
         counts = [int(w) for m in infos for w in m.split() if w.isdigit()]
         assert counts and max(counts) >= 40 - 3
     line_server.stop()
+    leak_check()
+
+
+def test_outage_log_warns_at_the_first_failure_then_only_on_change_or_each_minute():
+    """The WARNING lines of a streak of failed connects: the first failure, each change of cause, and a
+    summary at most once a minute; the rest are DEBUG.
+    """
+    log = OutageLog()
+    refused = ConnectionRefusedError(111, "Connection refused")
+    bad_cert = OSError("certificate verify failed")
+    timeline = [
+        (0.0, refused, "failed to open a connection"),
+        (0.5, refused, None),
+        (30.0, refused, None),
+        (59.9, refused, None),
+        (60.0, refused, "still failing after 5 attempts in 60.0 s"),
+        (61.0, refused, None),
+        (62.0, bad_cert, "failed to open a connection"),
+        (63.0, bad_cert, None),
+        (121.9, bad_cert, None),
+        (122.0, bad_cert, "still failing after 10 attempts in 122.0 s"),
+        (122.5, refused, "failed to open a connection"),
+    ]
+    for now, error, expected in timeline:
+        message = log.failed(error, now)
+        if expected is None:
+            assert message is None, (now, message)
+        else:
+            assert message is not None and expected in message, (now, message)
+            assert repr(error) in message
+    assert log.succeeded(130.0) == "connected again after 11 failed attempts in 130.0 s"
+    assert log.succeeded(131.0) is None
+    assert "failed to open" in (log.failed(refused, 140.0) or "")  # a new streak starts over
+
+
+def test_outage_log_sees_the_same_cause_with_another_message_as_a_change():
+    """Two errors of one type with different messages are two causes (refused by one host, then another)."""
+    log = OutageLog()
+    assert log.failed(OSError("a"), 0.0) is not None
+    assert log.failed(OSError("a"), 1.0) is None
+    assert log.failed(OSError("b"), 2.0) is not None
+    assert log.failed(TimeoutError("b"), 3.0) is not None
+
+
+def test_a_changed_cause_during_an_outage_reaches_the_warning_log(leak_check, caplog):
+    """1.0 logged only the first error of a streak at WARNING, so a new cause (the server back with another
+    certificate) stayed hidden behind "refused"; now each new cause is a WARNING line.
+    """
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    causes = iter(
+        [ConnectionRefusedError(111, "Connection refused")] * 5 + [OSError("certificate verify")] * 5
+    )
+
+    def factory() -> Conn:
+        cause = next(causes, None)
+        if cause is not None:
+            raise cause
+        return Conn(0)
+
+    with FakePool(1, factory=factory, name="tls-pool") as pool:
+        pool.wait(timeout=5)
+    warnings = [m for m in warnings_of(caplog) if "tls-pool" in m]
+    assert len(warnings) == 2, warnings
+    assert "Connection refused" in warnings[0] and "certificate verify" in warnings[1]
     leak_check()
