@@ -20,7 +20,7 @@ import pytest
 from doubles import LogCapture
 from faultproxy import FaultProxy
 from haproxy_server import HAPROXY, HAProxy, haproxy_available
-from helpers import FORK_WARNING, LineServer, open_fds, pool_greenlets
+from helpers import FORK_WARNING, LineServer, open_fds, pool_greenlets, serving
 from misbehaving_server import MisbehavingServer
 from nginx_server import NGINX, Nginx, nginx_available
 from redis_server import REDIS_SERVER, RedisServer, redis_available
@@ -75,15 +75,6 @@ def fork_warnings_fail():
     if fork_warnings:
         w = fork_warnings[0]
         pytest.fail(f"forked with unknown threads: {w.filename}:{w.lineno}: {w.message}", pytrace=False)
-
-
-def serving(server):
-    """Start an in-process server, yield it to the test, and stop it however the test ends."""
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from gevent.server import StreamServer
 from geventconnpool import ConnectionPool
 
 C = TypeVar("C")
+S = TypeVar("S")
 
 
 def wait_until(
@@ -237,3 +238,13 @@ def request(pool: ConnectionPool[socket.socket], command: bytes) -> bytes:
     with pool.get() as c:
         c.sendall(command + b"\n")
         return recv_line(c)
+
+
+
+def serving(server: S) -> Iterator[S]:
+    """For a fixture: start an in-process server, yield it to the test, and stop it however the test ends."""
+    server.start()  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()  # type: ignore[attr-defined]

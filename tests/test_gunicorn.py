@@ -28,7 +28,7 @@ import gevent
 import gevent.pool
 import pytest
 from gevent import socket, ssl
-from helpers import LinePool, starting_a_program, wait_until
+from helpers import LinePool, serving, starting_a_program, wait_until
 
 import geventconnpool
 
@@ -61,12 +61,7 @@ def backend_module():
 @pytest.fixture
 def backend(tmp_path):
     """The example's TLS backend, served by this process on a free loopback port."""
-    server = backend_module().Backend(cafile=str(tmp_path / "ca.pem"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving(backend_module().Backend(cafile=str(tmp_path / "ca.pem")))
 
 
 @pytest.fixture
