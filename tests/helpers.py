@@ -240,7 +240,6 @@ def request(pool: ConnectionPool[socket.socket], command: bytes) -> bytes:
         return recv_line(c)
 
 
-
 def serving(server: S) -> Iterator[S]:
     """For a fixture: start an in-process server, yield it to the test, and stop it however the test ends."""
     server.start()  # type: ignore[attr-defined]
