@@ -11,9 +11,9 @@ warm for nothing).  Otherwise it is *in use*: held by a caller, or by a
 keepalive check (also in ``_checking``).  ``_connecting`` counts the slots
 opening a connection (each runs a connect greenlet; see ``_connecting.py``).
 Callers that found nothing idle wait in ``_waiters``, first come, first
-served; callers of :meth:`wait` in ``_ready_waiters``, woken by ``_add``
-(``_readiness.py``).  The invariant, while the pool is open: every one of the ``size``
-slots is exactly one of idle, in use or connecting, so
+served; callers of :meth:`wait` wait in ``_ready_waiters``, woken by
+``_add`` (``_readiness.py``).  The invariant, while the pool is open: every
+one of the ``size`` slots is exactly one of idle, in use or connecting, so
 ``len(_entries) + _connecting == size``.  Only ``_open_slot`` (+1
 connecting), ``_add`` (connecting -> idle or lent), ``_close_and_replace``
 (in use -> connecting), :meth:`close` (everything -> nothing) and the fork
