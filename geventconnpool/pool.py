@@ -213,6 +213,7 @@ class ConnectionPool(Generic[C]):
         "_exc_classes",
         "_idle",
         "_leak_warning",
+        "_max_waiting",
         "_owner",
         "_plain_checkout",
         "_waiters",
