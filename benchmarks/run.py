@@ -12,7 +12,7 @@ It sets up everything it needs and removes it afterwards:
 
 Options: ``--quick`` (a smoke run, under a minute), ``--rst`` (print the tables
 as reStructuredText, for docs/performance.rst), ``--only NAME[,NAME]``
-(checkout, contended, tls, recovery, memory), ``--no-venv`` (run in this
+(checkout, contended, tls, recovery, memory, readiness), ``--no-venv`` (run in this
 interpreter, with whichever peers it can import), ``--chart FILE.svg`` (draw
 the contended scenario's latency percentiles, with matplotlib).
 
@@ -39,7 +39,7 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 IN_VENV_FLAG = "GEVENTCONNPOOL_BENCH_INNER"
 NOT_INSTALLED = ".peers-not-installed"
-SCENARIOS = ("checkout", "contended", "tls", "recovery", "memory")
+SCENARIOS = ("checkout", "contended", "tls", "recovery", "memory", "readiness")
 
 # The peers, pinned so that two runs compare the same code (SQLAlchemy 2.1 needs Python 3.10).
 PEERS = [
@@ -410,6 +410,8 @@ def inner(args: argparse.Namespace) -> int:
                 tables[name] = scenarios.scenario_recovery(redis, settings)
             elif name == "memory":
                 tables[name] = scenarios.scenario_memory(redis, settings)
+            elif name == "readiness":
+                tables[name] = scenarios.scenario_readiness(redis, settings)
             print(f"  ({time.monotonic() - t0:.1f} s)", flush=True)
             print(render_text(tables[name]), flush=True)
     finally:

@@ -106,7 +106,7 @@ def main() -> int:
 
     with LinePool(address, 3) as pool:
         pool.wait(timeout=5)
-        print(f"pool filled: {server.accepted} connections opened; {pool!r}")
+        print(f"pool filled: {pool.stats().opened} connections opened; {pool!r}")
 
         def echo(text: str) -> str:
             with pool.get() as c:

@@ -6,7 +6,7 @@ run them again on a fresh connection when the network fails.
 """
 
 from geventconnpool._version import __version__
-from geventconnpool.errors import PoolClosed, PoolError, PoolTimeout, PoolUnavailable
+from geventconnpool.errors import PoolClosed, PoolError, PoolOverloaded, PoolTimeout, PoolUnavailable
 from geventconnpool.pool import ConnectionPool, PoolStats
 from geventconnpool.retry import retry
 from geventconnpool.tcp_keepalive import enable_tcp_keepalive
@@ -15,6 +15,7 @@ __all__ = [
     "ConnectionPool",
     "PoolClosed",
     "PoolError",
+    "PoolOverloaded",
     "PoolStats",
     "PoolTimeout",
     "PoolUnavailable",

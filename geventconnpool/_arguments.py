@@ -47,6 +47,15 @@ def whole_number(
     return value
 
 
+def count(value: object, argument: str) -> Optional[int]:
+    """Return an int >= 1, or None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int or None, not {value!r}")
+    return whole_number(value, argument, minimum=1)
+
+
 def flag(value: object, argument: str) -> bool:
     """Return a bool; anything else (1, "yes") is a mistake."""
     if not isinstance(value, bool):

@@ -106,6 +106,9 @@ class LendingPool(Protocol[C]):
     def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
         """Take back a held entry that broke: close it and open a replacement."""
 
+    def _reset_and_release(self, entry: Entry[C]) -> None:
+        """Take back a held entry whose session state ``_reset`` must undo first (it switches)."""
+
     _to_watch: List[Entry[C]]  # idle entries the hub starts watching at its next turn
     _start_watchers: Callable[[], None]
 
@@ -259,6 +262,34 @@ class TimedEntry(Entry[C]):
                 pool._to_watch.append(self)
 
 
+class ResettingEntry(Entry[C]):
+    """The entry of a pool whose class overrides ``_reset``: every connection the pool keeps is reset first.
+
+    Any set of options: the pool's ``_release`` does what the other exits
+    inline (timed, traced).  The reset does I/O, so it runs before the entry
+    goes anywhere another caller could take it: neither idle nor handed to a
+    waiter, it counts as in use meanwhile.
+    """
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self.loan is not None:  # ENTERED
+            raise exited_twice()
+        self.loan = False  # IN_POOL
+        self.lent_from = None
+        pool = self.pool
+        if exc_type is not None and breaks(exc_type, pool._exc_classes):
+            pool._discard(self, exc)
+        else:
+            pool._reset_and_release(self)  # switches
+
+
 class ClosingIdle(Deque[Entry[Any]]):
     """What ``_idle`` becomes when its pool closes, and the orphanage's ``_idle``.
 
@@ -331,6 +362,9 @@ class Orphanage:
         pass
 
     def _discard(self, entry: Entry[Any], error: Optional[BaseException]) -> None:
+        pass
+
+    def _reset_and_release(self, entry: Entry[Any]) -> None:
         pass
 
     _to_watch: List[Entry[Any]] = []  # never has any: nobody watches an orphan

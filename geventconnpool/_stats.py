@@ -38,13 +38,20 @@ class PoolStats:
     keepalive_failures: int
     """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
     timeouts: int
-    """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get`."""
+    """:class:`~geventconnpool.PoolTimeout` errors raised by :meth:`ConnectionPool.get` at the end of a wait
+    (a :class:`~geventconnpool.PoolOverloaded` is counted in ``overloaded`` instead)."""
 
     # Fields added after 1.0 come last, with a default, so that code that
     # builds a PoolStats by position (tests comparing with one) keeps working.
     closed_while_idle: int = 0
     """Idle connections that ``watch_idle`` found closed by the remote end (the end of the stream, a reset
     or an error), and replaced.
+
+    .. versionadded:: 1.1
+    """
+    overloaded: int = 0
+    """Calls of :meth:`ConnectionPool.get` refused at once with :class:`~geventconnpool.PoolOverloaded`,
+    because ``max_waiting`` callers already waited.
 
     .. versionadded:: 1.1
     """

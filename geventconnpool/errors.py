@@ -6,7 +6,7 @@ from the builtin exception that callers already catch for the same condition.
 
 from typing import Optional
 
-__all__ = ["PoolClosed", "PoolError", "PoolTimeout", "PoolUnavailable"]
+__all__ = ["PoolClosed", "PoolError", "PoolOverloaded", "PoolTimeout", "PoolUnavailable"]
 
 
 class PoolError(Exception):
@@ -26,6 +26,18 @@ class PoolTimeout(PoolError, TimeoutError):
     #:
     #: .. versionadded:: 1.1
     retry_after: Optional[float] = None
+
+
+class PoolOverloaded(PoolTimeout):
+    """``max_waiting`` callers already waited for a connection: :meth:`~geventconnpool.ConnectionPool.get`
+    refused to wait, at once.
+
+    A :class:`PoolTimeout`, so that ``except PoolTimeout`` handlers keep working.
+
+    .. versionadded:: 1.1
+    """
+
+    __module__ = "geventconnpool"
 
 
 class PoolClosed(PoolError):

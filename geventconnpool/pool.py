@@ -11,8 +11,9 @@ warm for nothing).  Otherwise it is *in use*: held by a caller, or by a
 keepalive check (also in ``_checking``).  ``_connecting`` counts the slots
 opening a connection (each runs a connect greenlet; see ``_connecting.py``).
 Callers that found nothing idle wait in ``_waiters``, first come, first
-served.  The invariant, while the pool is open: every one of the ``size``
-slots is exactly one of idle, in use or connecting, so
+served; callers of :meth:`wait` wait in ``_ready_waiters``, woken by
+``_add`` (``_readiness.py``).  The invariant, while the pool is open: every
+one of the ``size`` slots is exactly one of idle, in use or connecting, so
 ``len(_entries) + _connecting == size``.  Only ``_open_slot`` (+1
 connecting), ``_add`` (connecting -> idle or lent), ``_close_and_replace``
 (in use -> connecting), :meth:`close` (everything -> nothing) and the fork
@@ -24,8 +25,8 @@ nobody waits, which is what lets ``get()`` take the fast path.
 Entries.  The entry is also the context manager that ``get()`` returns, so
 a checkout allocates nothing.  Its ``__exit__`` is the return half of the
 hot path; there is one entry class per set of options (plain,
-``leak_warning`` only, timed), so that each pool pays only for the
-bookkeeping its options need.
+``leak_warning`` only, timed, and resetting for a class that overrides
+``_reset``), so that each pool pays only for the bookkeeping its options need.
 
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
@@ -94,6 +95,7 @@ from geventconnpool._lease import (
     ClosingIdle,
     Entry,
     LendingPool,
+    ResettingEntry,
     TimedEntry,
     TracedEntry,
     Waiter,
@@ -101,6 +103,7 @@ from geventconnpool._lease import (
 )
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._outage import OutageLog
+from geventconnpool._readiness import ReadinessPool, ReadyWaiter, opened, wait_open, wake_all
 from geventconnpool._stats import PoolStats
 from geventconnpool._watching import (
     WatchingPool,
@@ -111,7 +114,7 @@ from geventconnpool._watching import (
     unwatch,
     watch,
 )
-from geventconnpool.errors import PoolClosed, PoolTimeout, PoolUnavailable
+from geventconnpool.errors import PoolClosed, PoolOverloaded, PoolTimeout, PoolUnavailable
 
 __all__ = ["ConnectionPool", "PoolStats"]
 
@@ -168,6 +171,9 @@ class ConnectionPool(Generic[C]):
     :param watch_idle: while a connection is idle, the event loop watches its
         socket (see :meth:`_socket_of`), and the pool drops it as soon as the
         remote end closes it, before anyone can borrow it.
+    :param max_waiting: when that many callers already wait in :meth:`get`,
+        the next one raises :class:`~geventconnpool.PoolOverloaded` at once
+        instead of waiting; ``None`` lets any number wait.
     :raises TypeError: an argument has the wrong type, or a hook the options
         need is not overridden.
     :raises ValueError: a number is out of range.
@@ -178,7 +184,7 @@ class ConnectionPool(Generic[C]):
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     .. versionchanged:: 1.1
-       Added ``watch_idle``, on by default.
+       Added ``watch_idle``, on by default, and ``max_waiting``.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -207,6 +213,7 @@ class ConnectionPool(Generic[C]):
         "_exc_classes",
         "_idle",
         "_leak_warning",
+        "_max_waiting",
         "_owner",
         "_plain_checkout",
         "_waiters",
@@ -226,6 +233,7 @@ class ConnectionPool(Generic[C]):
         fail_fast: bool = False,
         name: Optional[str] = None,
         watch_idle: bool = True,
+        max_waiting: Optional[int] = None,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
         self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
@@ -238,6 +246,7 @@ class ConnectionPool(Generic[C]):
         self._leak_warning = _arguments.seconds(leak_warning, "leak_warning")
         self.fail_fast = fail_fast
         self._watch_idle = _arguments.flag(watch_idle, "watch_idle")
+        self._max_waiting = _arguments.count(max_waiting, "max_waiting")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
@@ -254,6 +263,7 @@ class ConnectionPool(Generic[C]):
         self._entries: Set[Entry[C]] = set()
         self._connecting = 0
         self._waiters: Deque[Waiter] = deque()  # a deque, not a heap: first come, first served
+        self._ready_waiters: List[ReadyWaiter] = []  # callers of wait(), woken by _add (_readiness.py)
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         self._closed = False
@@ -305,8 +315,10 @@ class ConnectionPool(Generic[C]):
         self._timed = any(
             value is not None for value in (self.keepalive, self.max_lifetime, self.check_after)
         )
-        if self._timed:
-            self._entry_class: Type[Entry[C]] = TimedEntry
+        if cls._reset is not ConnectionPool._reset:
+            self._entry_class: Type[Entry[C]] = ResettingEntry
+        elif self._timed:
+            self._entry_class = TimedEntry
         elif self._leak_warning is not None:
             self._entry_class = TracedEntry
         else:
@@ -339,6 +351,21 @@ class ConnectionPool(Generic[C]):
         then discards it and opens another.  It runs under ``connect_timeout``.
         """
         raise NotImplementedError
+
+    def _reset(self, c: C) -> None:
+        """Undo the session state that a borrower may have left on ``c``; override it to use it.
+
+        The pool calls it when a connection comes back from a ``with
+        pool.get()`` block to stay in the pool (the block raised nothing, or an
+        exception that does not break the connection), in the returning
+        caller's greenlet, under ``connect_timeout``, before anyone else can
+        have the connection: IMAP's ``UNSELECT``, SMTP's ``RSET``, Redis's
+        ``RESET``, a line protocol's mode.  Whatever it raises discards the
+        connection (one WARNING line) and opens a replacement; the caller's
+        own timeout or kill then propagates.  Not overridden, it costs nothing.
+
+        .. versionadded:: 1.1
+        """
 
     def _close_connection(self, c: C) -> None:
         """Close the connection ``c``, which the pool is dropping.
@@ -437,25 +464,25 @@ class ConnectionPool(Generic[C]):
         # leak_warning needs the caller's frame, which costs to get.
         return self._acquire(timeout, _getframe(1) if self._leak_warning is not None else None, entry)
 
-    def wait(self, timeout: Optional[float] = None) -> None:
-        """Block until all ``size`` connections are open.
+    def wait(self, timeout: Optional[float] = None, *, min_open: Optional[int] = None) -> None:
+        """Block until at least ``min_open`` connections are open (all ``size`` by default).
+
+        It wakes when the connection that completes the count opens, not by
+        polling.  A readiness check, or a worker's start-up, calls it with a
+        ``timeout``.
 
         :param timeout: seconds to wait at most; ``None`` waits for ever.
-        :raises PoolTimeout: the pool did not fill in time.
-        :raises PoolClosed: the pool is closed.
+        :param min_open: how many open connections are enough, from 1 to ``size``;
+            ``None`` means ``size``.
+        :raises PoolTimeout: too few opened in time; the message names the last
+            connect error, which is also its ``__cause__``.
+        :raises PoolClosed: the pool is closed, or closes while it waits.
 
         .. versionadded:: 1.0
+        .. versionchanged:: 1.1
+           Added ``min_open``; woken by the connect itself instead of polling every 10 ms.
         """
-        limit = _arguments.seconds(timeout, "timeout", zero=True)
-        self._check_thread_and_fork()
-        deadline = math.inf if limit is None else _now() + limit
-        while len(self._entries) < self._size:
-            if self._closed:
-                raise PoolClosed(f"pool {self.name!r} is closed")
-            remaining = deadline - _now()
-            if remaining <= 0:
-                raise self._timeout_error(f"did not open all {self._size} connections within {limit} s")
-            gevent.sleep(min(remaining, 0.01))
+        wait_open(self, timeout, min_open)  # switches
 
     def close(self) -> None:
         """Close the pool; calling it again does nothing.
@@ -469,6 +496,7 @@ class ConnectionPool(Generic[C]):
         if self._closed:
             return
         self._closed = True
+        wake_all(self._ready_waiters)
         closed_error = PoolClosed(f"pool {self.name!r} is closed")
         while self._waiters:
             self._hand_over(closed_error)
@@ -530,6 +558,7 @@ class ConnectionPool(Generic[C]):
             keepalive_failures=self._keepalive_failures,
             closed_while_idle=self._closed_while_idle,
             timeouts=self._timeouts,
+            overloaded=self._overloaded,
         )
 
     # -- options: read-only, or live ------------------------------------------
@@ -576,6 +605,24 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.1
         """
         return self._watch_idle
+
+    @property
+    def max_waiting(self) -> Optional[int]:
+        """How many callers may wait in :meth:`get` before the next one is refused, or None; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._max_waiting
+
+    @property
+    def last_connect_error(self) -> Optional[BaseException]:
+        """The error of the latest failed attempt to open a connection, while none succeeded since, else None.
+
+        What a readiness endpoint reports while the pool cannot connect.
+
+        .. versionadded:: 1.1
+        """
+        return self._last_error
 
     @property
     def timeout(self) -> Optional[float]:
@@ -674,6 +721,11 @@ class ConnectionPool(Generic[C]):
                         entry.watching = UNWATCHED
                 elif self._fail_fast and self._unavailable():
                     raise self._unavailable_error()
+                elif self._max_waiting is not None and len(self._waiters) >= self._max_waiting:
+                    self._overloaded += 1
+                    raise self._timeout_error(
+                        f"is overloaded: max_waiting={self._max_waiting} callers wait already", PoolOverloaded
+                    )
                 else:
                     waiter = Waiter(deadline)
                     self._waiters.append(waiter)
@@ -772,7 +824,7 @@ class ConnectionPool(Generic[C]):
             self._run_callback(self._wake_handed)
         self._handed.append(waiter)
 
-    def _timeout_error(self, what: str) -> PoolTimeout:
+    def _timeout_error(self, what: str, error_class: Type[PoolTimeout] = PoolTimeout) -> PoolTimeout:
         s = self.stats()
         message = (
             f"pool {self.name!r} {what} (size={s.size}, idle={s.idle}, in_use={s.in_use},"
@@ -781,7 +833,7 @@ class ConnectionPool(Generic[C]):
         cause = self._last_error
         if cause is not None:
             message += f"; last connect error: {cause!r}"
-        error = PoolTimeout(message)
+        error = error_class(message)
         if cause is not None:
             error.retry_after = self._retry_after()
         error.__cause__ = cause
@@ -834,6 +886,27 @@ class ConnectionPool(Generic[C]):
         entry.idle_since = _now()
         entry.stale = False
         return True
+
+    def _reset_and_release(self, entry: Entry[C]) -> None:
+        """A held entry comes back from its block: undo its session state with :meth:`_reset`, release it.
+
+        Like the ``check_after`` check, it runs in the caller's greenlet: a
+        :exc:`BaseException` that is no :exc:`Exception` discards the
+        connection and propagates.
+        """
+        if entry.pool is self and not self._closed:
+            try:
+                self._bounded(self.connect_timeout, "_reset()", self._reset, entry.conn)  # switches
+            except self._check_failures as error:
+                self._discard(entry, error, "_reset()")  # switches
+                return
+            except Exception as error:
+                self._discard(entry, error, "_reset()", unexpected=True)  # switches
+                return
+            except BaseException as error:
+                self._discard(entry, error, "_reset()")  # switches
+                raise
+        self._release(entry)  # switches when the pool closed meanwhile
 
     def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any:
         """Call a subclass hook for at most ``seconds``, after which it raises :exc:`TimeoutError`.
@@ -1021,6 +1094,8 @@ class ConnectionPool(Generic[C]):
             self._hand_over(entry)
         else:
             self._go_idle(entry)
+        if self._ready_waiters:
+            opened(self._ready_waiters, len(self._entries))
 
     def _watchable_socket(self, conn: C) -> Any:
         """The socket of ``conn`` to watch while it is idle (see :meth:`_socket_of`), or None."""
@@ -1075,6 +1150,7 @@ class ConnectionPool(Generic[C]):
         self._checkouts = 0.0  # a float: adding to one costs less than to an int past 256
         self._opened = self._failed_connects = self._discarded = 0
         self._recycled = self._keepalive_failures = self._timeouts = self._closed_while_idle = 0
+        self._overloaded = 0
 
     def _drop_after_fork(self) -> None:
         """In a child process: forget the parent's connections, without closing them.
@@ -1101,6 +1177,7 @@ class ConnectionPool(Generic[C]):
             self._loop.run_callback(_stop_all_of, self._orphaned_watchers)
         self._idle.clear()
         self._entries.clear()
+        self._ready_waiters.clear()  # the parent's callers: never woken here
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
@@ -1192,6 +1269,8 @@ if TYPE_CHECKING:
 
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
-    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any]]:
+    ) -> Tuple[
+        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], ReadinessPool[Any]
+    ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool
+        return pool, pool, pool, pool, pool

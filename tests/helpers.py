@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Optional, Set, Tuple, TypeVar
 
 import gevent
 import greenlet
-from gevent import socket
+from gevent import select, socket
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -139,17 +139,34 @@ class LineServer:
     def stop(self) -> None:
         """Stop listening and cut every open connection."""
         if self._server is not None:
+            self.settle()
             self._server.close()
             self._server = None
         self.cut_all()
 
     def cut_all(self) -> None:
         """Close every open connection from the server side."""
+        self.settle()
         for sock in list(self.open):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def settle(self) -> None:
+        """Accept, and start serving, every connection that reached the server.
+
+        A client's connect returns once the kernel has queued the connection;
+        the server accepts it at the hub's next poll, and its handler starts a
+        turn later.  ``pool.wait()`` returns the moment the client's connect
+        does, so what acts on "every open connection" settles first.
+        """
+        server = self._server
+        if server is None:
+            return
+        listener = server.socket
+        wait_until(lambda: not select.select([listener], [], [], 0)[0], message=lambda: "accepts pending")
+        gevent.sleep(0)  # the handlers of the last accepts start
 
     @property
     def running(self) -> bool:
@@ -173,17 +190,9 @@ class LineServer:
             for line in reader:
                 self.commands.append(line)
                 self.stalled.wait()
-                command = line.rstrip(b"\r\n")
-                if command == b"PING":
-                    reply = b"PONG"
-                elif command.startswith(b"ECHO "):
-                    reply = command[5:]
-                elif command == b"WHO":
-                    reply = str(address[1]).encode()
-                elif command == b"QUIT":
+                reply = self.answer(line.rstrip(b"\r\n"), address)
+                if reply is None:
                     break
-                else:
-                    reply = command
                 sock.sendall(reply + b"\n")
         except OSError:
             pass
@@ -191,6 +200,18 @@ class LineServer:
             self.open.discard(sock)
             self.closed += 1
             sock.close()
+
+    def answer(self, command: bytes, address: Tuple[str, int]) -> Optional[bytes]:
+        """The reply to ``command`` from the client at ``address``; None closes the connection."""
+        if command == b"PING":
+            return b"PONG"
+        if command.startswith(b"ECHO "):
+            return command[5:]
+        if command == b"WHO":
+            return str(address[1]).encode()
+        if command == b"QUIT":
+            return None
+        return command
 
 
 class LinePool(ConnectionPool[socket.socket]):

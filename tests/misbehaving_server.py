@@ -123,16 +123,19 @@ class MisbehavingServer(LineServer):
 
     def fin_all(self) -> None:
         """Close every open connection with a FIN."""
+        self.settle()
         for conn in self.open_connections():
             conn.fin()
 
     def reset_all(self) -> None:
         """Close every open connection with a RST."""
+        self.settle()
         for conn in self.open_connections():
             conn.reset()
 
     def send_all(self, data: bytes) -> None:
         """Write ``data`` on every open connection, unasked."""
+        self.settle()
         for conn in self.open_connections():
             conn.send(data)
 

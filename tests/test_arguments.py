@@ -167,3 +167,34 @@ def test_check_after_needs_keepalive_hook():
 
     with pytest.raises(TypeError, match="check_after"):
         NoKeepalive(1, check_after=1.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(0, ValueError), (-1, ValueError), (True, TypeError), (1.0, TypeError), ("3", TypeError)],
+    ids=repr,
+)
+def test_bad_max_waiting(value, error, leak_check):
+    """max_waiting must be an int >= 1 or None: anything else raises at construction, naming it."""
+    with pytest.raises(error, match="max_waiting"):
+        Minimal(1, max_waiting=value)
+    leak_check()
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ValueError),
+        (3, ValueError),
+        (-1, ValueError),
+        (True, TypeError),
+        (1.0, TypeError),
+        ("1", TypeError),
+    ],
+    ids=repr,
+)
+def test_bad_wait_min_open(value, error, leak_check):
+    """wait(min_open=...) takes an int from 1 to size: anything else raises at once, naming min_open."""
+    with Minimal(2) as pool, pytest.raises(error, match="min_open"):
+        pool.wait(timeout=5, min_open=value)
+    leak_check()

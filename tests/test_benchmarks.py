@@ -41,6 +41,7 @@ REFERENCE_ROWS = {
     "TLS": ["geventconnpool", "dedicated TLS connection", "fresh TLS connection per request"],
     "Recovery": ["geventconnpool", "0.2.1 design"],
     "Memory": ["geventconnpool", "dedicated connection", "0.2.1 design"],
+    "Readiness": ["wait(min_open=1)", "wait(), all 10", "polling every 10 ms (1.0's wait)"],
 }
 PEERS = ["SQLAlchemy", "gsocketpool", "socketpool", "generic-connection-pool"]
 # The rows of --instructions; watch_idle's are "n/a" on a pool without that option, but printed.

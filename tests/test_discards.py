@@ -72,7 +72,7 @@ def test_exc_classes_as_a_single_class(line_server, leak_check):
         with pool.get() as c:
             assert c is not first
             assert c is pool.created[1]
-        assert line_server.accepted == 2
+        line_server.wait_for_accepted(2)
     leak_check()
 
 

@@ -17,13 +17,21 @@ READ_ONLY = {
     "max_lifetime": 600.0,
     "check_after": 30.0,
     "leak_warning": 120.0,
+    "max_waiting": 5,
 }
 
 
 @pytest.fixture
 def pool(line_server, leak_check):
     with LinePool(
-        line_server, 3, keepalive=60, max_lifetime=600, check_after=30, leak_warning=120, name="opts"
+        line_server,
+        3,
+        keepalive=60,
+        max_lifetime=600,
+        check_after=30,
+        leak_warning=120,
+        name="opts",
+        max_waiting=5,
     ) as pool:
         yield pool
     line_server.stop()

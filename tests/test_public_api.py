@@ -8,7 +8,15 @@ import pytest
 from gevent import socket
 
 import geventconnpool
-from geventconnpool import ConnectionPool, PoolClosed, PoolError, PoolTimeout, PoolUnavailable, retry
+from geventconnpool import (
+    ConnectionPool,
+    PoolClosed,
+    PoolError,
+    PoolOverloaded,
+    PoolTimeout,
+    PoolUnavailable,
+    retry,
+)
 
 
 def test_documented_imports():
@@ -28,14 +36,15 @@ def test_exception_hierarchy():
     assert issubclass(PoolTimeout, socket.error)
     assert issubclass(PoolClosed, PoolError) and not issubclass(PoolClosed, OSError)
     assert issubclass(PoolUnavailable, PoolError) and issubclass(PoolUnavailable, ConnectionError)
-    for cls in (PoolError, PoolTimeout, PoolClosed, PoolUnavailable):
+    assert issubclass(PoolOverloaded, PoolTimeout)  # except PoolTimeout handlers keep working
+    for cls in (PoolError, PoolTimeout, PoolOverloaded, PoolClosed, PoolUnavailable):
         assert cls.__module__ == "geventconnpool"
         assert getattr(geventconnpool, cls.__name__) is cls
         assert cls.__doc__ and cls.__doc__.strip()
         assert cls.__name__ in geventconnpool.__all__
 
 
-@pytest.mark.parametrize("cls", [PoolError, PoolTimeout, PoolClosed, PoolUnavailable])
+@pytest.mark.parametrize("cls", [PoolError, PoolTimeout, PoolOverloaded, PoolClosed, PoolUnavailable])
 def test_errors_pickle(cls):
     """Each error survives pickling (multiprocessing, task queues), keeping its type and message."""
     error = cls("pool 'p' did something")

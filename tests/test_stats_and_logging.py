@@ -38,6 +38,7 @@ def test_stats_is_a_frozen_dataclass_with_the_documented_fields(line_server, lea
             "keepalive_failures",
             "closed_while_idle",
             "timeouts",
+            "overloaded",
         }
         with pytest.raises(dataclasses.FrozenInstanceError):
             s.idle = 5  # type: ignore[misc]

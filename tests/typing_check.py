@@ -11,7 +11,7 @@ import socket
 import ssl
 from typing import Optional
 
-from geventconnpool import ConnectionPool, PoolStats, PoolTimeout, retry
+from geventconnpool import ConnectionPool, PoolOverloaded, PoolStats, PoolTimeout, retry
 
 
 class MyPool(ConnectionPool[ssl.SSLSocket]):
@@ -54,7 +54,28 @@ def stats_of(pool: MyPool) -> int:
         s: PoolStats = other.stats()
         closed: bool = other.closed
         other.wait(timeout=1.0)
-    return s.idle + s.in_use + s.connecting + pool.stats().waiting + int(closed)
+        other.wait(timeout=1.0, min_open=1)
+        other.wait(1.0, 1)  # type: ignore[call-arg]
+        why: Optional[BaseException] = other.last_connect_error
+        del why
+        limit: Optional[int] = other.max_waiting
+    return s.idle + s.in_use + s.connecting + s.overloaded + pool.stats().waiting + int(closed) + (limit or 0)
+
+
+class ResettingPool(MyPool):
+    """A pool that undoes a borrower's session state."""
+
+    def _reset(self, c: ssl.SSLSocket) -> None:
+        c.sendall(b"RSET\r\n")
+
+
+def shed(pool: MyPool) -> bytes:
+    try:
+        with pool.get() as c:
+            return c.recv(10)
+    except PoolOverloaded as error:
+        timeout: PoolTimeout = error
+        return str(timeout).encode()
 
 
 @retry(max_failures=3, interval=0.1, backoff=2.0, max_interval=1.0, jitter=0.5, giveup=lambda e: False)
