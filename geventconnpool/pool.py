@@ -100,6 +100,7 @@ from geventconnpool._lease import (
     wake,
 )
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
+from geventconnpool._observing import ObservedPool, Observer, tell
 from geventconnpool._outage import OutageLog
 from geventconnpool._stats import PoolStats
 from geventconnpool._watching import (
@@ -258,6 +259,8 @@ class ConnectionPool(Generic[C]):
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         self._closed = False
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
+        # The metrics exporters, told of durations on slow paths only (_observing.py).
+        self._observers: Tuple[Observer, ...] = ()
         # Connecting: the slots, and what they report of the remote end.
         self._slots: Set[Slot] = set()
         self._last_error: Optional[BaseException] = None
@@ -480,6 +483,9 @@ class ConnectionPool(Generic[C]):
         for entry in idle:
             self._entries.discard(entry)
         self._slots.clear()
+        observers, self._observers = self._observers, ()
+        for observer in observers:
+            observer.closed()
         background = [g for g in self._greenlets if g is not gevent.getcurrent()]
         # Everything is decided; what follows switches greenlets, and may be
         # interrupted (gunicorn's second signal lands here): close regardless.
@@ -661,6 +667,7 @@ class ConnectionPool(Generic[C]):
             self._check_thread_and_fork()
         limit = self._timeout if timeout is None else timeout
         deadline = None if limit is None else _now() + limit
+        waited_since = None  # for the observers' wait_time, when there are any
         while True:
             if entry is None:
                 if self._closed:
@@ -674,6 +681,8 @@ class ConnectionPool(Generic[C]):
                     raise self._unavailable_error()
                 else:
                     waiter = Waiter(deadline)
+                    if waited_since is None and self._observers:
+                        waited_since = _now()
                     self._waiters.append(waiter)
                     if deadline is not None and deadline < self._timeout_at:
                         self._watch_deadline(deadline)
@@ -732,6 +741,8 @@ class ConnectionPool(Generic[C]):
             entry.lent_at = _now()
             entry.lent_from = caller
             entry.lent_lasti = caller.f_lasti
+        if waited_since is not None:
+            tell(self, "waited", _now() - waited_since)
         return entry
 
     def _watch_deadline(self, deadline: float) -> None:
@@ -1190,6 +1201,8 @@ if TYPE_CHECKING:
 
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
-    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any]]:
+    ) -> Tuple[
+        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], ObservedPool[Any]
+    ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool
+        return pool, pool, pool, pool, pool
