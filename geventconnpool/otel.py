@@ -179,7 +179,10 @@ class _MeterState:
             observations = []
             for exporter in list(self.exporters):
                 pool = exporter.pool_ref()
-                if pool is None or pool.closed:
+                if pool is None:  # collected without close()
+                    self.exporters.remove(exporter)
+                    continue
+                if pool.closed:
                     continue
                 stats = pool.stats()
                 for figure in figures:

@@ -33,6 +33,13 @@ reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option is set, with the *keepalive*
 checks and the *recycle* closes it starts (``_maintenance.py``).
 
+Observers.  The metrics exporters (``otel.py``, ``prometheus.py``) read
+``stats()`` when collected; in ``_observers`` they hear only durations, and
+only on slow paths: a connect (``_connecting.py``) and a wait in
+``_acquire``.  One that wants how long connections are held makes the pool
+lend *measured* entries instead (``_observing.py``); :meth:`close` tells
+them all and forgets them.
+
 Threads.  A pool belongs to the gevent hub of the thread that made it; that
 thread holds ``_owner`` (a real lock) for the pool's life, and every entry
 point asks ``_owner._is_owned()``, which other threads fail.

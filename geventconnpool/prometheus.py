@@ -27,7 +27,9 @@ at each scrape.  In ``prometheus_client``'s multiprocess mode
 where custom collectors are not allowed, a greenlet of the exporter's sets
 the gauges (``multiprocess_mode="livesum"``: a scrape shows the sum over the
 live workers) and increments the counters by what ``stats()`` gained, every
-:data:`INTERVAL` seconds: never on the checkout path.
+:data:`INTERVAL` seconds: never on the checkout path.  With ``gunicorn
+--preload``, call :func:`instrument` in a ``post_fork`` hook, so that each
+worker exports its own pool and the master, which lives on, exports nothing.
 
 .. versionadded:: 1.1
 """
@@ -126,6 +128,8 @@ def _publish_loop(exporter_ref: weakref.ref[_Exporter]) -> None:
         exporter = exporter_ref()
         pool = None if exporter is None else exporter.pool_ref()
         if exporter is None or pool is None or pool.closed:
+            if exporter is not None and exporter in exporter.state.exporters:  # collected without close()
+                exporter.state.exporters.remove(exporter)
             return
         try:
             exporter.publish(pool.stats())
@@ -200,7 +204,10 @@ class _Collector:
         families = self._families()
         for exporter in list(self.state.exporters):
             pool = exporter.pool_ref()
-            if pool is None or pool.closed:
+            if pool is None:  # collected without close()
+                self.state.exporters.remove(exporter)
+                continue
+            if pool.closed:
                 continue
             stats = pool.stats()
             for figure in FIGURES:
@@ -261,7 +268,6 @@ def instrument(
     observe(pool, exporter)
     state.exporters.append(exporter)
     if state.multiprocess:
-        exporter.publish(pool.stats())
         exporter.greenlet = gevent.spawn(_publish_loop, weakref.ref(exporter))
         exporter.greenlet.name = f"geventconnpool {pool.name} prometheus"
 
