@@ -215,8 +215,8 @@ def instrument(
     """Export ``pool``'s metrics through OpenTelemetry, until :func:`uninstrument` or the pool's close.
 
     :param pool: the pool; its :attr:`~geventconnpool.ConnectionPool.name`
-        becomes the ``db.client.connection.pool.name`` attribute, so give
-        each pool a name of its own.
+        becomes the ``db.client.connection.pool.name`` attribute, and must
+        differ from the names of the other pools instrumented on the same provider.
     :param meter_provider: the provider of the ``geventconnpool`` meter;
         ``None`` uses the global one (``opentelemetry.metrics.set_meter_provider``).
     :param use_time: also record ``db.client.connection.use_time``, how long
@@ -224,7 +224,7 @@ def instrument(
         twice per checkout and records a histogram on every return, which
         costs more than the checkout itself (see :doc:`performance`).
     :raises TypeError: ``pool`` is no :class:`~geventconnpool.ConnectionPool`, or ``use_time`` no bool.
-    :raises ValueError: ``pool`` is instrumented already.
+    :raises ValueError: ``pool`` is instrumented already, or another pool of the same name on this provider.
     :raises ~geventconnpool.PoolClosed: the pool is closed.
 
     .. versionadded:: 1.1
@@ -238,9 +238,12 @@ def instrument(
     meter = provider.get_meter("geventconnpool", __version__)
     if meter not in _meters:
         _meters[meter] = _MeterState(meter)
-    exporter = _Exporter(_meters[meter], pool, use_time)
+    state = _meters[meter]
+    if any(other.attributes[POOL_NAME] == pool.name for other in state.exporters):
+        raise ValueError(f"a pool named {pool.name!r} is instrumented on this meter provider already")
+    exporter = _Exporter(state, pool, use_time)
     observe(pool, exporter)
-    _meters[meter].exporters.append(exporter)
+    state.exporters.append(exporter)
 
 
 def uninstrument(pool: ConnectionPool[Any]) -> None:

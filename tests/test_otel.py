@@ -192,7 +192,7 @@ def test_uninstrument_and_close_stop_the_export(line_server, reader, leak_check)
 
 
 def test_bad_arguments_fail_at_once(line_server, reader):
-    """instrument() names what is wrong: not a pool, use_time not a bool, twice, or a closed pool."""
+    """instrument() names what is wrong: not a pool, use_time no bool, twice, a closed pool, a name taken."""
     _, provider = reader
     with pytest.raises(TypeError, match="pool must be a ConnectionPool"):
         otel.instrument(object(), provider)  # type: ignore[arg-type]
@@ -204,6 +204,10 @@ def test_bad_arguments_fail_at_once(line_server, reader):
             otel.instrument(pool, provider)
     with pytest.raises(PoolClosed):
         otel.instrument(pool, provider)
+    with LinePool(line_server, 1, name="same") as one, LinePool(line_server, 1, name="same") as other:
+        otel.instrument(one, provider)
+        with pytest.raises(ValueError, match="a pool named 'same' is instrumented"):
+            otel.instrument(other, provider)
 
 
 def test_the_global_meter_provider_is_the_default(line_server, leak_check):
