@@ -64,13 +64,14 @@ def reader():
 
 
 def collect(memory: InMemoryMetricReader) -> Tuple[Dict[Tuple[str, Tuple[Any, ...]], Any], Dict[str, Any]]:
-    """Collect once: ({(name, sorted attributes): data point}, {name: metric})."""
+    """Collect once: ({(name, sorted attributes): data point}, {name: metric}) of the geventconnpool meter."""
     points: Dict[Tuple[str, Tuple[Any, ...]], Any] = {}
     metrics: Dict[str, Any] = {}
     data = memory.get_metrics_data()
     for resource in data.resource_metrics if data is not None else ():
         for scope in resource.scope_metrics:
-            assert scope.scope.name == "geventconnpool"
+            if scope.scope.name != "geventconnpool":
+                continue  # some versions of the SDK report metrics of their own
             for metric in scope.metrics:
                 metrics[metric.name] = metric
                 for point in metric.data.data_points:
