@@ -36,7 +36,12 @@ setup(
             "trustme",
             "gunicorn>=21",
             "redis>=4",
+            "opentelemetry-sdk>=1.23",
+            "prometheus_client>=0.17",
         ],
+        # The metrics exporters: geventconnpool.otel and geventconnpool.prometheus.
+        "otel": ["opentelemetry-api>=1.23"],
+        "prometheus": ["prometheus_client>=0.17"],
         "docs": ["sphinx>=7", "furo"],
         "dev": ["ruff", "mypy", "build", "twine", "tox"],
     },

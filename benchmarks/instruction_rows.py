@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import inspect
 import os
 import sys
@@ -59,6 +60,8 @@ class Row:
     loop: str
     #: The pool's keyword arguments beyond those of "features off"; the 0.2.1 design's open() options.
     options: Dict[str, Any] = field(default_factory=dict)
+    #: The metrics exporter instrumenting the pool: "otel", "otel use_time" or "prometheus" (see EXPORTERS).
+    exporter: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -76,6 +79,14 @@ BARE_QUEUE = "bare Queue get+put"
 CONTENDED_DEFAULT = f"{LIB} timeout=30 (default)"
 SLEEP_ALONE = "sleep(0) alone"
 WATCH_IDLE = f"{LIB} watch_idle on"
+OTEL_ON = f"{LIB} otel exporter on"
+PROMETHEUS_ON = f"{LIB} prometheus exporter on"
+#: What each exporter of a row needs: its module here, and the package that records.
+EXPORTERS = {
+    "otel": ("geventconnpool.otel", "opentelemetry.sdk"),
+    "otel use_time": ("geventconnpool.otel", "opentelemetry.sdk"),
+    "prometheus": ("geventconnpool.prometheus", "prometheus_client"),
+}
 
 
 def rows() -> List[Row]:
@@ -86,6 +97,9 @@ def rows() -> List[Row]:
     checkout += [Row("checkout", f"{LIB} {label}", "pool", dict(kw)) for label, kw in FEATURES]
     checkout += [
         Row("checkout", WATCH_IDLE, "pool", {"watch_idle": True}),
+        Row("checkout", OTEL_ON, "pool", exporter="otel"),
+        Row("checkout", f"{LIB} otel use_time on", "pool", exporter="otel use_time"),
+        Row("checkout", PROMETHEUS_ON, "pool", exporter="prometheus"),
         Row("checkout", BARE_QUEUE, "queue"),
         Row("checkout", "0.2.1 design", "design021"),
         Row("checkout", "with on a ready object", "null_with"),
@@ -95,6 +109,9 @@ def rows() -> List[Row]:
         Row("contended", CONTENDED_DEFAULT, "pool"),
         Row("contended", f"{LIB} timeout=None", "pool", {"timeout": None}),
         Row("contended", WATCH_IDLE, "pool", {"watch_idle": True}),
+        # Every request waits here: each records a wait_time.
+        Row("contended", OTEL_ON, "pool", exporter="otel"),
+        Row("contended", PROMETHEUS_ON, "pool", exporter="prometheus"),
         Row("contended", "bare Queue as the pool", "queue"),
         Row("contended", "0.2.1 design", "design021", {"timeout": 30.0}),
         Row("contended", SLEEP_ALONE, "nothing"),
@@ -130,7 +147,18 @@ def missing_options(row: Row) -> List[str]:
     if not row.is_pool:
         return []
     accepted = pool_parameters()
-    return [k for k in row.options if k not in accepted]
+    missing = [k for k in row.options if k not in accepted]
+    if row.exporter is not None:
+        missing += [m for m in EXPORTERS[row.exporter] if not importable(m)]
+    return missing
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` (dotted, its parents perhaps missing) can be imported here."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def pool_options(row: Row) -> Dict[str, Any]:
@@ -298,7 +326,26 @@ def make_pool(row: Row, connect: Callable[[], Any]) -> Any:
 
     pool = SocketPairPool(SIZE, **pool_options(row))
     pool.wait(10)
+    instrument(row, pool)
     return pool
+
+
+def instrument(row: Row, pool: Any) -> None:
+    """Export ``pool``'s metrics as ``row`` says, to an SDK or a registry that keeps them in memory."""
+    if row.exporter in ("otel", "otel use_time"):
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from geventconnpool import otel
+
+        provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        otel.instrument(pool, provider, use_time=row.exporter == "otel use_time")
+    elif row.exporter == "prometheus":
+        from prometheus_client import CollectorRegistry
+
+        from geventconnpool import prometheus
+
+        prometheus.instrument(pool, CollectorRegistry())
 
 
 def measure(row: Row, quick: bool) -> None:

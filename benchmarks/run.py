@@ -118,13 +118,15 @@ def _pip_install(python: Path, requirements: Sequence[str]) -> subprocess.Comple
 
 
 def ensure_venv() -> Path:
-    """Create the benchmark's venv with gevent, trustme and the peers, once per set of requirements.
+    """Create the benchmark's venv with gevent, trustme, the exporters' packages and the peers, once per set
+    of requirements.
 
     gevent and trustme are required; a peer that cannot be installed on this
     Python is left out with a note (its row is then dropped).
     """
     venv = venv_dir()
-    core = [_gevent_requirement(), "trustme>=1.1"]
+    # The metrics exporters' packages, for the rows with an exporter on.
+    core = [_gevent_requirement(), "trustme>=1.1", "opentelemetry-sdk>=1.23", "prometheus_client>=0.17"]
     stamp = hashlib.sha256("\n".join([sys.version, *core, *PEERS]).encode()).hexdigest()[:16]
     marker = venv / ".requirements-installed"
     python = venv / "bin" / "python"

@@ -43,6 +43,10 @@ nitpick_ignore = [
     ("py:meth", "str.format"),
     ("py:func", "gevent.monkey.patch_all"),
     ("py:class", "ExcClasses"),
+    # The metrics exporters' arguments, documented by OpenTelemetry and prometheus_client.
+    ("py:class", "opentelemetry.metrics.MeterProvider"),
+    ("py:class", "prometheus_client.registry.CollectorRegistry"),
+    ("py:class", "prometheus_client.CollectorRegistry"),
 ]
 nitpick_ignore_regex = [
     # The standard library, documented elsewhere.

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import weakref
-from typing import Any, Callable, Collection, Deque, Optional, Protocol, Set, TypeVar
+from typing import Any, Callable, Collection, Deque, Optional, Protocol, Set, Tuple, TypeVar
 
 import gevent
 from gevent.event import Event
 
 from geventconnpool._lease import Waiter
+from geventconnpool._observing import Observer, tell
 from geventconnpool._outage import OutageLog
 from geventconnpool.errors import PoolUnavailable
 
@@ -71,6 +73,7 @@ class ConnectingPool(Protocol[C]):
     _failed_connects: int
     _waiters: Deque[Waiter]
     _loop: Any  # the hub's event loop
+    _observers: Tuple[Observer, ...]
 
     def _new_connection(self) -> C: ...
     def _reconnect_wait(self, attempt: int) -> float: ...
@@ -140,6 +143,7 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
     next_wait = slot.next_wait if slot.next_wait is not None else pool._reconnect_wait(slot.attempt)
     slot.next_wait, slot.sleeps_until = next_wait, None
     error: BaseException = TypeError("_new_connection() returned None")
+    started = time.monotonic()
     try:
         conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
     except BaseException as exc:  # whatever it is, the attempt failed, unless the pool stops us
@@ -154,6 +158,8 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
         return None
     if conn is not None:
         pool._add(conn)
+        if pool._observers:
+            tell(pool, "connected", time.monotonic() - started)
         recovered = pool._outage.succeeded(pool._loop.now())
         if recovered is not None:
             logger.info("pool %r: %s", pool.name, recovered)

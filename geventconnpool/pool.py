@@ -34,6 +34,13 @@ reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option is set, with the *keepalive*
 checks and the *recycle* closes it starts (``_maintenance.py``).
 
+Observers.  The metrics exporters (``otel.py``, ``prometheus.py``) read
+``stats()`` when collected; in ``_observers`` they hear only durations, and
+only on slow paths: a connect (``_connecting.py``) and a wait in
+``_acquire``.  One that wants how long connections are held makes the pool
+lend *measured* entries instead (``_observing.py``); :meth:`close` tells
+them all and forgets them.
+
 Threads.  A pool belongs to the gevent hub of the thread that made it; that
 thread holds ``_owner`` (a real lock) for the pool's life, and every entry
 point asks ``_owner._is_owned()``, which other threads fail.
@@ -102,6 +109,7 @@ from geventconnpool._lease import (
     wake,
 )
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
+from geventconnpool._observing import ObservedPool, Observer, tell
 from geventconnpool._outage import OutageLog
 from geventconnpool._readiness import ReadinessPool, ReadyWaiter, opened, wait_open, wake_all
 from geventconnpool._stats import PoolStats
@@ -268,6 +276,8 @@ class ConnectionPool(Generic[C]):
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         self._closed = False
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
+        # The metrics exporters, told of durations on slow paths only (_observing.py).
+        self._observers: Tuple[Observer, ...] = ()
         # Connecting: the slots, and what they report of the remote end.
         self._slots: Set[Slot] = set()
         self._last_error: Optional[BaseException] = None
@@ -508,6 +518,9 @@ class ConnectionPool(Generic[C]):
         for entry in idle:
             self._entries.discard(entry)
         self._slots.clear()
+        observers, self._observers = self._observers, ()
+        for observer in observers:
+            observer.closed()
         background = [g for g in self._greenlets if g is not gevent.getcurrent()]
         # Everything is decided; what follows switches greenlets, and may be
         # interrupted (gunicorn's second signal lands here): close regardless.
@@ -710,6 +723,7 @@ class ConnectionPool(Generic[C]):
             self._check_thread_and_fork()
         limit = self._timeout if timeout is None else timeout
         deadline = None if limit is None else _now() + limit
+        waited_since = None  # for the observers' wait_time, when there are any
         while True:
             if entry is None:
                 if self._closed:
@@ -728,6 +742,8 @@ class ConnectionPool(Generic[C]):
                     )
                 else:
                     waiter = Waiter(deadline)
+                    if waited_since is None and self._observers:
+                        waited_since = _now()
                     self._waiters.append(waiter)
                     if deadline is not None and deadline < self._timeout_at:
                         self._watch_deadline(deadline)
@@ -786,6 +802,8 @@ class ConnectionPool(Generic[C]):
             entry.lent_at = _now()
             entry.lent_from = caller
             entry.lent_lasti = caller.f_lasti
+        if waited_since is not None:
+            tell(self, "waited", _now() - waited_since)
         return entry
 
     def _watch_deadline(self, deadline: float) -> None:
@@ -1270,7 +1288,12 @@ if TYPE_CHECKING:
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
     ) -> Tuple[
-        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], ReadinessPool[Any]
+        LendingPool[Any],
+        ConnectingPool[Any],
+        MaintainedPool[Any],
+        WatchingPool[Any],
+        ReadinessPool[Any],
+        ObservedPool[Any],
     ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool, pool
+        return pool, pool, pool, pool, pool, pool

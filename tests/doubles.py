@@ -15,10 +15,10 @@ import gevent
 import pytest
 from gevent import socket
 from gevent.event import Event
-from helpers import LinePool, LineServer, recv_line
+from helpers import LinePool, LineServer, recv_line, request, wait_until
 from redis_server import ProtocolError, TrackingPool
 
-from geventconnpool import ConnectionPool
+from geventconnpool import ConnectionPool, PoolTimeout
 
 # -- quick reconnects -------------------------------------------------------------------------------
 
@@ -231,6 +231,37 @@ class Flaky:
             return "ok"
         self.raised.append(error)
         raise error
+
+
+# -- a workload for the metrics exporters -------------------------------------------------------------
+
+
+def metrics_workload(pool: ConnectionPool[Any], while_waiting: Callable[[], object] = lambda: None) -> None:
+    """Drive a pool of a LineServer through what its metrics show: three requests, a connection broken in
+    its block, a caller that times out while every connection is held, and one that waits until one comes
+    back (``while_waiting()`` runs while it waits)."""
+    pool.wait(timeout=5)
+    for _ in range(3):
+        assert request(pool, b"PING") == b"PONG"
+    with pytest.raises(OSError), pool.get():
+        raise OSError("broken")
+    pool.wait(timeout=5)
+    release = Event()
+
+    def hold() -> None:
+        with pool.get():
+            release.wait()
+
+    holders = [gevent.spawn(hold) for _ in range(pool.size)]
+    wait_until(lambda: pool.stats().in_use == pool.size)
+    with pytest.raises(PoolTimeout):
+        pool.get(timeout=0.01)
+    waiter = gevent.spawn(request, pool, b"PING")
+    wait_until(lambda: pool.stats().waiting == 1)
+    while_waiting()
+    release.set()
+    assert waiter.get(timeout=5) == b"PONG"
+    gevent.joinall(holders, timeout=5, raise_error=True)
 
 
 # -- logs ----------------------------------------------------------------------------------------------------

@@ -44,9 +44,9 @@ REFERENCE_ROWS = {
     "Readiness": ["wait(min_open=1)", "wait(), all 10", "polling every 10 ms (1.0's wait)"],
 }
 PEERS = ["SQLAlchemy", "gsocketpool", "socketpool", "generic-connection-pool"]
-# The rows of --instructions; watch_idle's are "n/a" on a pool without that option, but printed.
+# The rows of --instructions; watch_idle's and the exporters' are "n/a" on a pool without them, but printed.
 INSTRUCTION_ROWS = {
-    "Instructions per checkout": [
+    "Instructions per checkout:": [
         "geventconnpool features off",
         "geventconnpool keepalive=60",
         "geventconnpool max_lifetime=3600",
@@ -54,15 +54,20 @@ INSTRUCTION_ROWS = {
         "geventconnpool leak_warning=60",
         "geventconnpool fail_fast=True",
         "geventconnpool watch_idle on",
+        "geventconnpool otel exporter on",
+        "geventconnpool otel use_time on",
+        "geventconnpool prometheus exporter on",
         "bare Queue get+put",
         "0.2.1 design",
         "with on a ready object",
         "the loop alone",
     ],
-    "Instructions per contended request": [
+    "Instructions per contended request:": [
         "geventconnpool timeout=30 (default)",
         "geventconnpool timeout=None",
         "geventconnpool watch_idle on",
+        "geventconnpool otel exporter on",
+        "geventconnpool prometheus exporter on",
         "bare Queue as the pool",
         "0.2.1 design",
         "sleep(0) alone",

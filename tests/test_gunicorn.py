@@ -107,13 +107,21 @@ class Gunicorn:
             *(["--preload"] if preload else []),
             "app:application",
         ]
-        package_root = str(Path(geventconnpool.__file__).resolve().parent.parent)
         env = dict(
-            os.environ,
             BACKEND_PORT=str(backend.port),
             BACKEND_CAFILE=backend.cafile,
             BACKEND_POOL_SIZE=str(POOL_SIZE),
             BACKEND_KEEPALIVE=str(keepalive),
+        )
+        self._start(args, env, log_path)
+
+    def _start(self, args: List[str], env: Dict[str, str], log_path: Path) -> None:
+        """Run ``args`` with ``env`` added to this process's, in a process group of its own, its output in
+        ``log_path``."""
+        package_root = str(Path(geventconnpool.__file__).resolve().parent.parent)
+        env = dict(
+            os.environ,
+            **env,
             # The same geventconnpool as the tests import, whether installed or not.
             PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
         )
