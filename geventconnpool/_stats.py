@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class PoolStats:
     """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
 
-    While the pool is open, ``idle + in_use + connecting == size``.
+    While the pool is open, ``idle + in_use + connecting == size``; ``retiring`` counts apart.
     """
 
     __module__ = "geventconnpool"
@@ -45,6 +45,17 @@ class PoolStats:
     closed_while_idle: int = 0
     """Idle connections that ``watch_idle`` found closed by the remote end (the end of the stream, a reset
     or an error), and replaced.
+
+    .. versionadded:: 1.1
+    """
+    retiring: int = 0
+    """Connections the pool closes for good when they come back, or as they open, after
+    :meth:`ConnectionPool.resize` made it smaller; they are not part of ``size``.
+
+    .. versionadded:: 1.1
+    """
+    retired: int = 0
+    """Connections closed for good because :meth:`ConnectionPool.resize` made the pool smaller.
 
     .. versionadded:: 1.1
     """

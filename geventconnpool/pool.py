@@ -13,11 +13,16 @@ opening a connection (each runs a connect greenlet; see ``_connecting.py``).
 Callers that found nothing idle wait in ``_waiters``, first come, first
 served.  The invariant, while the pool is open: every one of the ``size``
 slots is exactly one of idle, in use or connecting, so
-``len(_entries) + _connecting == size``.  Only ``_open_slot`` (+1
-connecting), ``_add`` (connecting -> idle or lent), ``_close_and_replace``
-(in use -> connecting), :meth:`close` (everything -> nothing) and the fork
-hooks (everything -> connecting) change those counts; lending and giving
-back only move an entry in or out of ``_idle``.  An entry is handed to a
+``len(_entries) + _connecting - _to_retire == size``.  Only ``_open_slot``
+(+1 connecting), ``_add`` (connecting -> idle or lent; or, while
+``_to_retire``, connecting -> closed, both -1), ``_close_and_replace``
+(in use -> connecting), :meth:`close` (everything -> nothing), the fork
+hooks (everything -> connecting) and :meth:`resize` (``_lifecycle.py``:
++n connecting; or idle -> closed, connecting -> ``_to_retire``, in use ->
+``_retiring``) change those counts; lending and giving back only move an
+entry in or out of ``_idle``.  ``_retiring`` holds the entries a shrink
+took out of ``_entries`` while a caller held them: closed, not replaced,
+when they come back.  An entry is handed to a
 waiter directly, never through ``_idle``: a non-empty ``_idle`` means that
 nobody waits, which is what lets ``get()`` take the fast path.
 
@@ -25,7 +30,12 @@ Entries.  The entry is also the context manager that ``get()`` returns, so
 a checkout allocates nothing.  Its ``__exit__`` is the return half of the
 hot path; there is one entry class per set of options (plain,
 ``leak_warning`` only, timed), so that each pool pays only for the
-bookkeeping its options need.
+bookkeeping its options need.  When a held entry must not go back to
+``_idle`` as it is (``discard()``, a shrink), its ``pool`` is swapped for a
+``Diverted`` one that every path of those exits reaches instead (see
+``_lifecycle.py``): the exits stay as they are, and cost nothing more.
+Explicit leases (``acquire()``) are entries entered on the caller's
+behalf, in ``_leases`` until ``release()`` exits them.
 
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
@@ -79,7 +89,7 @@ from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
 
-from geventconnpool import _arguments
+from geventconnpool import _arguments, _lifecycle
 from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
@@ -99,6 +109,7 @@ from geventconnpool._lease import (
     Waiter,
     wake,
 )
+from geventconnpool._lifecycle import LifecyclePool, retire_new
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._outage import OutageLog
 from geventconnpool._stats import PoolStats
@@ -256,6 +267,10 @@ class ConnectionPool(Generic[C]):
         self._waiters: Deque[Waiter] = deque()  # a deque, not a heap: first come, first served
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
+        # Lifecycle control (_lifecycle.py): what resize() will close for good, and the explicit leases.
+        self._retiring: Set[Entry[C]] = set()  # held, out of _entries, closed when they come back
+        self._to_retire = 0  # of the _connecting slots, those whose connection is closed as it opens
+        self._leases: Dict[int, Entry[C]] = {}  # acquire()'s, by id() of the connection
         self._closed = False
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         # Connecting: the slots, and what they report of the remote end.
@@ -457,17 +472,106 @@ class ConnectionPool(Generic[C]):
                 raise self._timeout_error(f"did not open all {self._size} connections within {limit} s")
             gevent.sleep(min(remaining, 0.01))
 
-    def close(self) -> None:
-        """Close the pool; calling it again does nothing.
+    def acquire(self, timeout: Optional[float] = None) -> C:
+        """Borrow a connection until :meth:`release`, for a loan that no ``with`` block can span.
+
+        Waiting, fairness, timeouts, ``leak_warning`` and fork follow the
+        rules of :meth:`get`; a connection never released is never lent
+        again, so pair each call with :meth:`release` in a ``finally``.
+
+        :param timeout: seconds to wait for a free connection, as for :meth:`get`.
+        :returns: the connection.
+        :raises PoolTimeout: no connection became free in time.
+        :raises PoolClosed: the pool is closed.
+        :raises PoolUnavailable: ``fail_fast`` is on and the remote is down.
+        :raises RuntimeError: called from a thread other than the pool's.
+
+        .. versionadded:: 1.1
+        """
+        if timeout is not None:
+            _arguments.seconds(timeout, "timeout", zero=True)
+        entry = self._acquire(timeout, _getframe(1) if self._leak_warning is not None else None)
+        return _lifecycle.lend(self, entry)
+
+    def release(self, c: C, discard: bool = False) -> None:
+        """Give back a connection that :meth:`acquire` lent.
+
+        :param c: the connection.
+        :param discard: true when ``c`` is broken: it is closed and replaced,
+            as after one of ``exc_classes`` in a ``with`` block.
+        :raises RuntimeError: ``c`` was released already, or this pool's
+            :meth:`acquire` did not lend it (one from :meth:`get` included);
+            nothing changes.
+
+        .. versionadded:: 1.1
+        """
+        self._check_thread_and_fork()
+        _lifecycle.release(self, c, _arguments.flag(discard, "discard"))  # switches
+
+    def discard(self, c: C) -> None:
+        """Mark the connection ``c``, which the caller holds, as broken, without raising anything.
+
+        The caller keeps using ``c`` until its ``with`` block ends (or until
+        :meth:`release`); then the pool closes it and opens a replacement.  For
+        a reply that said ``Connection: close``, or a protocol error the
+        caller recovered from.  Calling it again does nothing more.  It costs
+        nothing on the checkout path: it looks ``c`` up among the ``size``
+        connections.
+
+        :raises ValueError: no caller holds ``c`` from this pool (it is idle, was
+            given back, or is another pool's); nothing changes.
+
+        .. versionadded:: 1.1
+        """
+        _lifecycle.discard(self, c)
+
+    def resize(self, size: int) -> None:
+        """Change how many connections the pool keeps; :attr:`size` and ``stats().size`` change at once.
+
+        Growing opens the new connections in the background.  Shrinking
+        closes idle connections first, then cancels connections still being
+        opened, and closes held ones, for good, when they come back (counted
+        in ``stats().retiring`` meanwhile).
+
+        :param size: the new size, an int >= 1.
+        :raises TypeError: ``size`` is not an int.
+        :raises ValueError: ``size`` is below 1.
+        :raises PoolClosed: the pool is closed.
+
+        .. versionadded:: 1.1
+        """
+        size = _arguments.whole_number(size, "size", minimum=1)
+        self._check_thread_and_fork()
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        _lifecycle.resize(self, size)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close the pool.
 
         It stops the pool's background greenlets, closes the idle connections,
         wakes every waiter with :class:`~geventconnpool.PoolClosed`, and closes
-        each connection still held when it comes back.
+        each connection still held when it comes back.  With ``timeout``, it
+        then waits up to that long for the held ones to come back, closes
+        those that did not under their holders, and returns once every
+        connection is closed (a worker's graceful shutdown).  Calling it again
+        closes nothing more, but waits the same way when given ``timeout``.
+
+        :param timeout: seconds to wait for held connections; ``None`` does
+            not wait for them, ``0`` closes them at once.
 
         .. versionadded:: 1.0
+        .. versionchanged:: 1.1
+           Added ``timeout``.
         """
-        if self._closed:
-            return
+        limit = _arguments.seconds(timeout, "timeout", zero=True)
+        if not self._closed:
+            self._close_now()  # switches
+        if limit is not None:
+            _lifecycle.close_held(self, limit)  # switches
+
+    def _close_now(self) -> None:
+        """The first :meth:`close`: decide everything, then close what is idle."""
         self._closed = True
         closed_error = PoolClosed(f"pool {self.name!r} is closed")
         while self._waiters:
@@ -493,7 +597,7 @@ class ConnectionPool(Generic[C]):
                     "pool %r: closed, but %d background greenlets did not stop", self.name, len(stuck)
                 )
         finally:
-            self._connecting = 0
+            self._connecting = self._to_retire = 0
             # A keepalive check or a background close killed before it started
             # never gave its connection back, nor closed it.
             unfinished = list(self._checking) + list(self._closing)
@@ -518,7 +622,7 @@ class ConnectionPool(Generic[C]):
             size=self._size,
             idle=len(self._idle),
             in_use=len(self._entries) - len(self._idle),
-            connecting=self._connecting,
+            connecting=self._connecting - self._to_retire,
             waiting=len(self._waiters),
             checkouts=int(self._checkouts),
             opened=self._opened,
@@ -528,6 +632,8 @@ class ConnectionPool(Generic[C]):
             keepalive_failures=self._keepalive_failures,
             closed_while_idle=self._closed_while_idle,
             timeouts=self._timeouts,
+            retiring=len(self._retiring) + self._to_retire,
+            retired=self._retired,
         )
 
     # -- options: read-only, or live ------------------------------------------
@@ -863,7 +969,9 @@ class ConnectionPool(Generic[C]):
     def _release(self, entry: Entry[C]) -> None:
         """A held entry comes back: lend it to the first waiter, keep it idle, or drop it."""
         if entry.pool is not self:
-            return  # opened by the parent process before fork(): never used here
+            # Orphaned by fork() (the orphanage forgets it), or diverted (see _lifecycle.py).
+            entry.pool._release(entry)
+            return
         if self._closed:
             self._close_and_replace(entry)
             return
@@ -932,6 +1040,7 @@ class ConnectionPool(Generic[C]):
         ``in_background`` closes it in a greenlet of its own.
         """
         if entry.pool is not self:
+            entry.pool._discard(entry, error)  # orphaned, or diverted: as _release() does
             return
         if not self._closed:
             self._discarded += 1
@@ -1007,6 +1116,8 @@ class ConnectionPool(Generic[C]):
             if self.max_lifetime is None
             else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
+        if self._to_retire and retire_new(self, conn):  # switches
+            return
         entry = self._entry_class(conn, self, _now() + lifetime)
         if self._watch_idle:
             sock = self._watchable_socket(conn)
@@ -1073,6 +1184,7 @@ class ConnectionPool(Generic[C]):
         self._checkouts = 0.0  # a float: adding to one costs less than to an int past 256
         self._opened = self._failed_connects = self._discarded = 0
         self._recycled = self._keepalive_failures = self._timeouts = self._closed_while_idle = 0
+        self._retired = 0
 
     def _drop_after_fork(self) -> None:
         """In a child process: forget the parent's connections, without closing them.
@@ -1082,7 +1194,7 @@ class ConnectionPool(Generic[C]):
         """
         ours = self._owner._is_owned()
         self._generation += 1
-        for entry in self._entries:
+        for entry in (*self._entries, *self._retiring):
             entry.pool = ORPHANAGE
             if entry.watcher is not None:
                 self._orphaned_watchers.append(entry.watcher)
@@ -1099,6 +1211,8 @@ class ConnectionPool(Generic[C]):
             self._loop.run_callback(_stop_all_of, self._orphaned_watchers)
         self._idle.clear()
         self._entries.clear()
+        self._retiring.clear()
+        self._to_retire = 0
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
@@ -1190,6 +1304,8 @@ if TYPE_CHECKING:
 
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
-    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any]]:
+    ) -> Tuple[
+        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], LifecyclePool[Any]
+    ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool
+        return pool, pool, pool, pool, pool
