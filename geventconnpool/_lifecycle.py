@@ -1,4 +1,4 @@
-"""Lifecycle control: a holder's discard, explicit leases, closing with a grace period, resizing.
+"""Lifecycle control: a holder's discard, explicit leases, closing with a grace period, resizing, draining.
 
 Private.  None of it runs on the checkout path.  What the pool must do with
 a held connection when it comes back (close it and open another, or close it
@@ -50,7 +50,12 @@ class LifecyclePool(Protocol[C]):
     _to_retire: int  # connecting slots whose connection is closed for good as it opens (a shrink)
     _retired: int
     _opened: int
-    _forked: bool
+    _drain: Optional[Drain[C]]  # the latest drain()
+    _generation: int
+    _greenlets: Set[gevent.Greenlet[Any, Any]]
+
+    @property
+    def connect_timeout(self) -> Optional[float]: ...
 
     def _discard(
         self,
@@ -65,6 +70,11 @@ class LifecyclePool(Protocol[C]):
     def _leave_idle(self, entry: Entry[C]) -> None: ...
     def _open_slot(self, after_failures: int = 0) -> None: ...
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
+    def _new_connection(self) -> C: ...
+    def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any: ...
+    def _add(self, conn: C) -> None: ...
+    def _reconnect_wait(self, attempt: int) -> float: ...
+    def _stopping(self) -> bool: ...
 
 
 def _nothing() -> None:
@@ -202,9 +212,6 @@ def resize(pool: LifecyclePool[C], size: int) -> None:
     grow = size - pool._size
     pool._size = size
     if grow >= 0:
-        if pool._forked:  # the child's first call opens them all
-            pool._connecting += grow
-            return
         for _ in range(grow):
             pool._open_slot()
         return
@@ -221,9 +228,7 @@ def resize(pool: LifecyclePool[C], size: int) -> None:
     surplus -= cancelled
     # Then held ones (by a caller, or by a check): closed when they come back.
     for entry in [e for e in pool._entries if at_home(e, pool)][:surplus]:
-        pool._entries.discard(entry)
-        pool._retiring.add(entry)
-        entry.pool = Diverted(pool, functools.partial(_retire_returned, pool))
+        _retire_later(pool, entry)
         surplus -= 1
     # A held entry already discarded by its holder is replaced when it comes back: one slot more to cancel.
     pool._to_retire += surplus
@@ -240,6 +245,13 @@ def _retire_now(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     pool._spawn("recycle", close_recycled, entry)
 
 
+def _retire_later(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    """Take a held entry out of the pool's size: it is closed for good when it comes back."""
+    pool._entries.discard(entry)
+    pool._retiring.add(entry)
+    entry.pool = Diverted(pool, functools.partial(_retire_returned, pool))
+
+
 def _retire_returned(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     pool._retiring.discard(entry)
     _retire_now(pool, entry)
@@ -251,7 +263,138 @@ def retire_new(pool: LifecyclePool[C], conn: C) -> bool:
         return False
     pool._to_retire -= 1
     pool._connecting -= 1
+    _unneeded(pool, conn, in_background=True)  # switches
+    return True
+
+
+# -- draining ---------------------------------------------------------------------------------------
+
+
+def in_flight_limit(size: int) -> int:
+    """How many replacements a drain opens at once, and how many connections it may keep above ``size``."""
+    return max(1, size // 4)
+
+
+class Drain(Generic[C]):
+    """One call of drain(): the entries it replaces, and its replacements being opened."""
+
+    __slots__ = ("in_flight", "old")
+
+    def __init__(self, old: Set[Entry[C]]) -> None:
+        self.old = old
+        self.in_flight = 0
+
+
+def drain(pool: LifecyclePool[C]) -> None:
+    """Replace every connection open now, make-before-break, after a canary proves the new ones open.
+
+    The canary is opened in the caller's greenlet: if it fails, its error
+    propagates and nothing changed.  Then it takes the place of an old
+    connection, and background greenlets replace the others.
+    """
+    canary = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+    if canary is None:
+        raise TypeError("_new_connection() returned None")
+    if pool._closed:
+        _unneeded(pool, canary)  # switches
+        return
+    # Decided from here on, without a switch: a drain under way starts over from the current set.
+    for greenlet in [g for g in pool._greenlets if g.name.endswith(" drain")]:
+        pool._greenlets.discard(greenlet)  # so that it knows it is stopped (see _stopping())
+        greenlet.kill(block=False)
+    work = pool._drain = Drain({e for e in pool._entries if at_home(e, pool)})
+    swapped = _swap(pool, work, canary)
+    for _ in range(min(in_flight_limit(pool._size), len(work.old))):
+        pool._spawn("drain", drain_loop, work, pool._generation)
+    if not swapped:
+        _unneeded(pool, canary)  # switches
+
+
+def draining(pool: LifecyclePool[C]) -> bool:
+    """Whether a connection that the latest drain() replaces is still open (in the pool, or retiring)."""
+    work = pool._drain
+    return work is not None and bool(work.old & (pool._entries | pool._retiring))
+
+
+def _old(pool: LifecyclePool[C], work: Drain[C]) -> Optional[Entry[C]]:
+    """The old entry to replace next: an idle one (the least recently used), else a held one, else None."""
+    for entry in pool._idle:
+        if entry in work.old:
+            return entry
+    for entry in work.old:
+        if entry in pool._entries and at_home(entry, pool):
+            return entry
+    return None
+
+
+def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C) -> bool:
+    """Put the new ``conn`` in the place of an old entry (closed now if idle, when it comes back if held).
+
+    Nothing here switches: the counts never pass through a state that breaks the invariant.
+    """
+    old = _old(pool, work)
+    if old is None:
+        return False
+    if old in pool._idle:
+        pool._leave_idle(old)
+        _retire_now(pool, old)
+    else:
+        _retire_later(pool, old)
+    pool._connecting += 1  # _add() counts a connection that was opening
+    pool._add(conn)
+    return True
+
+
+def _unneeded(pool: LifecyclePool[C], conn: C, in_background: bool = False) -> None:
+    """Close a connection that a drain opened and found no use for: counted as opened and retired."""
     pool._opened += 1
     pool._retired += 1
-    pool._close_quietly(conn)  # switches
-    return True
+    pool._close_quietly(conn, in_background)  # switches
+
+
+def _to_replace(pool: LifecyclePool[C], work: Drain[C]) -> int:
+    return len([e for e in work.old if e in pool._entries and at_home(e, pool)])
+
+
+def drain_loop(pool_ref: Any, work: Drain[Any], generation: int) -> None:
+    """One of the drain's workers: open a replacement, swap it in, until no old connection is left.
+
+    Together they have at most ``in_flight_limit(size)`` replacements in
+    flight or old connections retiring, so that the pool never has more than
+    ``size + in_flight_limit(size)`` connections open.  A failed connect is
+    retried with the pool's reconnect backoff; only the pool's own stop, or a
+    new drain(), ends a worker sooner.
+    """
+    attempt = 0
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed or pool._generation != generation or pool._drain is not work:
+            return
+        if _to_replace(pool, work) <= work.in_flight:
+            return  # the other workers are opening the last replacements
+        if work.in_flight + len(pool._retiring) >= in_flight_limit(pool._size):
+            del pool
+            gevent.sleep(0.01)  # switches; old connections that are held are still to come back
+            continue
+        work.in_flight += 1
+        try:
+            conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+            if conn is None:
+                raise TypeError("_new_connection() returned None")
+        except BaseException as error:
+            work.in_flight -= 1
+            if pool._stopping():
+                raise
+            attempt += 1
+            logger.warning("pool %r: drain(): failed to open a replacement, retrying: %r", pool.name, error)
+            wait = pool._reconnect_wait(attempt)
+            del pool
+            gevent.sleep(wait)  # switches
+            continue
+        work.in_flight -= 1
+        attempt = 0
+        if pool._generation != generation:
+            return  # the process forked meanwhile: the connection is the parent's
+        if pool._closed or not _swap(pool, work, conn):
+            _unneeded(pool, conn, in_background=True)  # switches
+            return

@@ -21,7 +21,8 @@ class PoolStats:
     in_use: int
     """Connections held by callers, or by a keepalive or ``check_after`` check."""
     connecting: int
-    """Connections being opened, or waiting to retry after a failed attempt."""
+    """Connections being opened, or waiting to retry after a failed attempt; during a
+    :meth:`ConnectionPool.drain`, its replacements being opened too."""
     waiting: int
     """Callers blocked in :meth:`ConnectionPool.get`."""
     checkouts: int
@@ -50,12 +51,14 @@ class PoolStats:
     """
     retiring: int = 0
     """Connections the pool closes for good when they come back, or as they open, after
-    :meth:`ConnectionPool.resize` made it smaller; they are not part of ``size``.
+    :meth:`ConnectionPool.resize` made it smaller or :meth:`ConnectionPool.drain` replaced them; they are
+    not part of ``size``.
 
     .. versionadded:: 1.1
     """
     retired: int = 0
-    """Connections closed for good because :meth:`ConnectionPool.resize` made the pool smaller.
+    """Connections closed for good, without a replacement: :meth:`ConnectionPool.resize` made the pool
+    smaller, or :meth:`ConnectionPool.drain` had already replaced them.
 
     .. versionadded:: 1.1
     """

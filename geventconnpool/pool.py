@@ -17,12 +17,17 @@ slots is exactly one of idle, in use or connecting, so
 (+1 connecting), ``_add`` (connecting -> idle or lent; or, while
 ``_to_retire``, connecting -> closed, both -1), ``_close_and_replace``
 (in use -> connecting), :meth:`close` (everything -> nothing), the fork
-hooks (everything -> connecting) and :meth:`resize` (``_lifecycle.py``:
+hooks (everything -> connecting), :meth:`resize` (``_lifecycle.py``:
 +n connecting; or idle -> closed, connecting -> ``_to_retire``, in use ->
-``_retiring``) change those counts; lending and giving back only move an
-entry in or out of ``_idle``.  ``_retiring`` holds the entries a shrink
-took out of ``_entries`` while a caller held them: closed, not replaced,
-when they come back.  An entry is handed to a
+``_retiring``) and :meth:`drain`'s swap (a new connection in, an old one
+idle -> closed or in use -> ``_retiring``, without a switch between) change
+those counts; lending and giving back only move an entry in or out of
+``_idle``.  ``_retiring`` holds the entries a shrink or a drain took out of
+``_entries`` while a caller held them: closed, not replaced, when they come
+back.  Open connections number ``size + len(_retiring)`` plus what
+``_to_retire`` and a drain's replacements in flight are opening; a drain
+keeps its part of that (``_retiring`` and its replacements in flight) at
+``max(1, size // 4)`` at most.  An entry is handed to a
 waiter directly, never through ``_idle``: a non-empty ``_idle`` means that
 nobody waits, which is what lets ``get()`` take the fast path.
 
@@ -41,7 +46,9 @@ Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option is set, with the *keepalive*
-checks and the *recycle* closes it starts (``_maintenance.py``).
+checks and the *recycle* closes it starts (``_maintenance.py``); up to
+``max(1, size // 4)`` *drain* greenlets during a :meth:`drain`
+(``_lifecycle.py``).
 
 Threads.  A pool belongs to the gevent hub of the thread that made it; that
 thread holds ``_owner`` (a real lock) for the pool's life, and every entry
@@ -271,6 +278,7 @@ class ConnectionPool(Generic[C]):
         self._retiring: Set[Entry[C]] = set()  # held, out of _entries, closed when they come back
         self._to_retire = 0  # of the _connecting slots, those whose connection is closed as it opens
         self._leases: Dict[int, Entry[C]] = {}  # acquire()'s, by id() of the connection
+        self._drain: Optional[_lifecycle.Drain[C]] = None  # the latest drain()
         self._closed = False
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         # Connecting: the slots, and what they report of the remote end.
@@ -546,6 +554,36 @@ class ConnectionPool(Generic[C]):
             raise PoolClosed(f"pool {self.name!r} is closed")
         _lifecycle.resize(self, size)
 
+    def drain(self, wait: bool = False) -> None:
+        """Replace every connection open now, while the pool keeps serving (rotated credentials, a failover).
+
+        It first opens one connection with :meth:`_new_connection` (the
+        canary), in the caller's greenlet.  If that fails, ``drain()`` raises
+        its error, within ``connect_timeout``, and changes nothing.  Then the
+        canary takes the place of an old idle connection, and background
+        greenlets replace the others make-before-break: an old connection is
+        closed only once its replacement is open, at most ``max(1, size //
+        4)`` replacements are opened at once, and the pool never holds more
+        than ``size + max(1, size // 4)`` open connections.  An old
+        connection that a caller holds is closed when it comes back.  Calling
+        it again during a drain starts over from the connections open then.
+
+        :param wait: return only once no old connection is left open; by
+            default it returns once the canary is in service.
+        :raises PoolClosed: the pool is closed.
+        :raises Exception: what the canary's :meth:`_new_connection` raised
+            (:exc:`TimeoutError` past ``connect_timeout``).
+
+        .. versionadded:: 1.1
+        """
+        _arguments.flag(wait, "wait")
+        self._check_thread_and_fork()
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        _lifecycle.drain(self)  # switches
+        while wait and _lifecycle.draining(self) and not self._closed:
+            gevent.sleep(0.01)  # switches
+
     def close(self, timeout: Optional[float] = None) -> None:
         """Close the pool.
 
@@ -622,7 +660,7 @@ class ConnectionPool(Generic[C]):
             size=self._size,
             idle=len(self._idle),
             in_use=len(self._entries) - len(self._idle),
-            connecting=self._connecting - self._to_retire,
+            connecting=self._connecting - self._to_retire + (self._drain.in_flight if self._drain else 0),
             waiting=len(self._waiters),
             checkouts=int(self._checkouts),
             opened=self._opened,

@@ -350,3 +350,136 @@ def test_resize_refuses_bad_sizes_and_a_closed_pool(line_server, leak_check):
     with pytest.raises(PoolClosed):
         pool.resize(2)
     leak_check()
+
+
+# -- drain() ------------------------------------------------------------------------------------------
+
+
+class MovablePool(FastLinePool):
+    """A FastLinePool whose address the test changes, as rotated credentials or a failover would."""
+
+    def _new_connection(self) -> Any:
+        self.server_address = self.target.address
+        return super()._new_connection()
+
+    target: LineServer
+
+
+def movable(server: LineServer, size: int, **options: Any) -> MovablePool:
+    MovablePool.target = server
+    pool = MovablePool(server, size, **options)
+    pool.target = server
+    return pool
+
+
+def test_drain_under_load_replaces_every_connection_within_its_bound(leak_check):
+    """drain(wait=True) under steady load moves every connection to the new server: no caller fails or waits
+    past its timeout, every loan after it is a new connection, and no more than size + size // 4 connections
+    are ever open or opening."""
+    old_server, new_server = LineServer(), LineServer()
+    old_server.start()
+    new_server.start()
+    size = 8
+    with movable(old_server, size, timeout=5) as pool:
+        pool.wait(timeout=5)
+        stop = Event()
+        errors: List[BaseException] = []
+        most = [0]
+
+        def load() -> None:
+            for _ in range(2000):
+                if stop.is_set():
+                    return
+                try:
+                    assert request(pool, b"PING") == b"PONG"
+                except BaseException as error:
+                    errors.append(error)
+                    return
+                gevent.sleep(0.001)
+
+        def sample() -> None:
+            while not stop.is_set():
+                most[0] = max(most[0], pool.calls - len(pool.dropped))
+                s = pool.stats()
+                most[0] = max(most[0], s.idle + s.in_use + s.connecting + s.retiring)
+                gevent.sleep(0)
+
+        workers = [gevent.spawn(load) for _ in range(12)]
+        sampler = gevent.spawn(sample)
+        gevent.sleep(0.02)
+        pool.target = new_server
+        pool.drain(wait=True)
+        assert old_server.accepted == size and new_server.accepted >= size
+        for _ in range(size * 3):
+            with pool.get() as c:
+                assert c.getpeername()[1] == new_server.port
+        stop.set()
+        gevent.joinall([*workers, sampler], timeout=10)
+        assert errors == []
+        assert most[0] <= size + size // 4, most[0]
+        wait_until(lambda: old_server.closed == size)
+        s = pool.stats()
+        assert (s.size, s.idle + s.in_use + s.connecting, s.retiring, s.retired) == (size, size, 0, size)
+    old_server.stop()
+    new_server.stop()
+    leak_check()
+
+
+def test_drain_with_a_failing_canary_raises_and_changes_nothing(line_server, leak_check):
+    """When the canary cannot connect, drain() raises its error and the old connections keep serving."""
+    dead = LineServer()
+    dead.start()
+    dead.stop()
+    with movable(line_server, 2) as pool:
+        pool.wait(timeout=5)
+        before = pool.stats()
+        pool.target = dead
+        with pytest.raises(ConnectionRefusedError):
+            pool.drain(wait=True)
+        assert pool.stats() == before
+        assert request(pool, b"PING") == b"PONG"
+        assert (line_server.accepted, line_server.closed) == (2, 0)
+    leak_check()
+
+
+def test_drain_closes_a_held_old_connection_when_it_comes_back(line_server, leak_check):
+    """An old connection held during a drain serves its holder to the end, then is closed, not reused;
+    drain(wait=True) returns only then."""
+    with movable(line_server, 2) as pool:
+        pool.wait(timeout=5)
+        with pool.get() as held:
+            draining = gevent.spawn(pool.drain, wait=True)
+            wait_until(lambda: pool.stats().retiring == 1 and pool.stats().idle == 2)  # made before the break
+            gevent.sleep(0.03)  # a few polls of drain(wait=True): it is still waiting (a negative check)
+            assert not draining.ready()
+            assert talk(held) == b"PONG"
+        draining.get(timeout=5)
+        assert held in pool.dropped
+        wait_until(lambda: line_server.closed == 2)
+        assert line_server.accepted == 4
+    leak_check()
+
+
+def test_drain_again_starts_over_from_the_current_connections(line_server, leak_check):
+    """A second drain() during a drain replaces what is open then; in the end only new connections remain."""
+    with movable(line_server, 4) as pool:
+        pool.wait(timeout=5)
+        first = set(pool.created)
+        pool.drain()
+        pool.drain(wait=True)
+        wait_until(lambda: pool.stats().connecting == 0)
+        with pool.get() as a, pool.get() as b, pool.get() as c, pool.get() as d:
+            assert not {a, b, c, d} & first
+        s = pool.stats()
+        assert (s.idle, s.retiring) == (4, 0)
+        assert s.opened - s.retired == 4
+    leak_check()
+
+
+def test_drain_refuses_a_closed_pool_and_a_bad_wait(line_server, leak_check):
+    """drain() of a closed pool raises PoolClosed; wait must be a bool."""
+    with FastLinePool(line_server, 1) as pool, pytest.raises(TypeError, match="wait"):
+        pool.drain(wait=1)  # type: ignore[arg-type]
+    with pytest.raises(PoolClosed):
+        pool.drain()
+    leak_check()

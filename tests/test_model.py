@@ -1,5 +1,5 @@
 """A model-based test: random sequences of loans (with get() or acquire()), returns, discards, kills,
-outages, keepalive ticks, resizes and close (with or without a timeout).
+outages, keepalive ticks, resizes, drains and close (with or without a timeout).
 
 Hypothesis drives a pool of scripted in-memory connections (the pool treats
 connections as black boxes) through random steps, and after every step checks
@@ -222,6 +222,22 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.pool is not None
         self.pool.resize(size)
         assert self.pool.stats().size == size
+        self._settle()
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def drain(self) -> None:
+        """The pool is drained: with the remote down its canary fails and nothing changes; with it up, every
+        connection is replaced make-before-break, held ones when they come back."""
+        assert self.pool is not None
+        before = self.pool.stats()
+        try:
+            self.pool.drain()
+        except ConnectionRefusedError:
+            assert not self.remote.up
+            assert self.pool.stats() == before
+        else:
+            assert self.remote.up
         self._settle()
 
     @precondition(lambda self: not self.closed)
