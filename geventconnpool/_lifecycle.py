@@ -311,9 +311,10 @@ def drain(pool: LifecyclePool[C]) -> None:
 
 
 def draining(pool: LifecyclePool[C]) -> bool:
-    """Whether a connection that the latest drain() replaces is still open (in the pool, or retiring)."""
+    """Whether a connection that the latest drain() replaces is still open: in the pool, retiring, or not
+    yet closed by the greenlet that closes it."""
     work = pool._drain
-    return work is not None and bool(work.old & (pool._entries | pool._retiring))
+    return work is not None and bool(work.old & (pool._entries | pool._retiring | pool._closing))
 
 
 def _old(pool: LifecyclePool[C], work: Drain[C]) -> Optional[Entry[C]]:
