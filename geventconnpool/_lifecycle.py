@@ -138,6 +138,8 @@ def held_entry(pool: LifecyclePool[C], conn: C) -> Optional[Entry[C]]:
 def discard(pool: LifecyclePool[C], conn: C) -> None:
     """Mark the held ``conn`` broken: it is closed and replaced when its holder gives it back."""
     pool._check_thread_and_fork()
+    if pool._closed:
+        return  # every connection is closed when it comes back, or was closed under its holder already
     entry = held_entry(pool, conn)
     if entry is None:
         raise ValueError(

@@ -522,12 +522,13 @@ class ConnectionPool(Generic[C]):
         The caller keeps using ``c`` until its ``with`` block ends (or until
         :meth:`release`); then the pool closes it and opens a replacement.  For
         a reply that said ``Connection: close``, or a protocol error the
-        caller recovered from.  Calling it again does nothing more.  It costs
+        caller recovered from.  Calling it again, or on a closed pool (which
+        closes every connection anyway), does nothing more.  It costs
         nothing on the checkout path: it looks ``c`` up among the ``size``
         connections.
 
-        :raises ValueError: no caller holds ``c`` from this pool (it is idle, was
-            given back, or is another pool's); nothing changes.
+        :raises ValueError: no caller holds ``c`` from this open pool (it is
+            idle, was given back, or is another pool's); nothing changes.
 
         .. versionadded:: 1.1
         """

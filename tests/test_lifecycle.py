@@ -102,13 +102,16 @@ def test_discard_of_what_the_caller_does_not_hold_raises_value_error(line_server
 
 
 def test_discard_while_the_pool_closes_closes_without_replacement(line_server, leak_check):
-    """A connection discarded by its holder around close() is closed when its block ends, not replaced."""
+    """A connection discarded by its holder around close() is closed when its block ends, not replaced; on a
+    closed pool, discard() does nothing, and raises nothing."""
     with FastLinePool(line_server, 1) as pool:
         pool.wait(timeout=5)
         with pool.get() as c:
             pool.discard(c)
             pool.close()
+            pool.discard(c)  # on a closed pool: nothing more
         assert pool.dropped == [c]
+        pool.discard(c)  # even given back
         assert pool.stats().connecting == 0
         wait_until(lambda: line_server.closed == 1)
         assert line_server.accepted == 1
