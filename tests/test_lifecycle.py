@@ -486,3 +486,39 @@ def test_drain_refuses_a_closed_pool_and_a_bad_wait(line_server, leak_check):
     with pytest.raises(PoolClosed):
         pool.drain()
     leak_check()
+
+
+def test_resize_both_ways_under_load(line_server, leak_check):
+    """Resizing up and down while callers keep borrowing fails no caller, keeps the gauges summing to the new
+    size, and ends with exactly the new size open."""
+    with FastLinePool(line_server, 4, timeout=5) as pool:
+        pool.wait(timeout=5)
+        stop = Event()
+        errors: List[BaseException] = []
+
+        def load() -> None:
+            for _ in range(2000):
+                if stop.is_set():
+                    return
+                try:
+                    assert request(pool, b"PING") == b"PONG"
+                except BaseException as error:
+                    errors.append(error)
+                    return
+                gevent.sleep(0.001)
+
+        workers = [gevent.spawn(load) for _ in range(8)]
+        for size in (8, 2, 6, 1, 3):
+            gevent.sleep(0.02)
+            pool.resize(size)
+            s = pool.stats()
+            assert (s.size, s.idle + s.in_use + s.connecting) == (size, size)
+        stop.set()
+        gevent.joinall(workers, timeout=10)
+        assert errors == []
+        pool.wait(timeout=5)
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.connecting, s.retiring) == (3, 0, 0, 0)
+        wait_until(lambda: len(line_server.open) == 3)
+        assert s.opened - s.retired - s.discarded == 3
+    leak_check()
