@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class PoolStats:
     """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
 
-    While the pool is open, ``idle + in_use + connecting == size``; ``retiring`` counts apart.
+    While the pool is open, ``idle + in_use + connecting == size`` (up to ``size + max(1, size // 4)``
+    while :meth:`ConnectionPool.drain` opens replacements); ``retiring`` counts apart.
     """
 
     __module__ = "geventconnpool"

@@ -274,7 +274,7 @@ class ConnectionPool(Generic[C]):
         self._waiters: Deque[Waiter] = deque()  # a deque, not a heap: first come, first served
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
-        # Lifecycle control (_lifecycle.py): what resize() will close for good, and the explicit leases.
+        # Lifecycle control (_lifecycle.py): what resize() and drain() close for good, the explicit leases.
         self._retiring: Set[Entry[C]] = set()  # held, out of _entries, closed when they come back
         self._to_retire = 0  # of the _connecting slots, those whose connection is closed as it opens
         self._leases: Dict[int, Entry[C]] = {}  # acquire()'s, by id() of the connection
@@ -1150,13 +1150,13 @@ class ConnectionPool(Generic[C]):
 
     def _add(self, conn: C) -> None:
         """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
+        if self._to_retire and retire_new(self, conn):  # switches
+            return
         lifetime = (
             math.inf
             if self.max_lifetime is None
             else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
-        if self._to_retire and retire_new(self, conn):  # switches
-            return
         entry = self._entry_class(conn, self, _now() + lifetime)
         if self._watch_idle:
             sock = self._watchable_socket(conn)
