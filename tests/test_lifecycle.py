@@ -322,6 +322,18 @@ def test_resize_shrinks_idle_first_then_held_ones_when_they_come_back(line_serve
     leak_check()
 
 
+def test_a_retiring_connection_held_too_long_still_warns(line_server, leak_check, pool_log):
+    """leak_warning covers a held connection that a shrink took out of the pool's size."""
+    with FastLinePool(line_server, 2, leak_warning=0.05) as pool:
+        pool.wait(timeout=5)
+        with pool.get(), pool.get():
+            pool.resize(1)
+            assert pool.stats().retiring == 1
+            wait_until(lambda: len(pool_log.messages(logging.WARNING)) == 2)
+        assert pool.stats().retired == 1
+    leak_check()
+
+
 def test_resize_during_an_outage_cancels_connecting_slots(leak_check):
     """resize() to fewer while connections cannot open leaves only the new size opening: once the server
     is back, the pool opens them, closes the surplus at once, and keeps the new size."""
