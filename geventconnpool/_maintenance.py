@@ -138,6 +138,7 @@ class MaintainedPool(Protocol[C]):
     _entries: Set[Entry[C]]
     _checking: Set[Entry[C]]
     _closing: Set[Entry[C]]
+    _retiring: Set[Entry[C]]  # held, out of _entries (see _lifecycle.py)
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None: ...
     def _leave_idle(self, entry: Entry[C]) -> None: ...
@@ -165,10 +166,12 @@ def maintenance_loop(pool_ref: weakref.ref[MaintainedPool[Any]], generation: int
 def maintain(pool: MaintainedPool[C]) -> float:
     """Do what is due; return the seconds until something else is."""
     now = _now()
+    # A held connection that a shrink or a drain retires may leak too.
+    entries = pool._entries | pool._retiring if pool._retiring else pool._entries
     due = plan(
         now,
         pool._idle,
-        pool._entries,
+        entries,
         keepalive=pool.keepalive,
         max_lifetime=pool.max_lifetime,
         check_after=pool.check_after,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class PoolStats:
     """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
 
-    While the pool is open, ``idle + in_use + connecting == size``.
+    While the pool is open, ``idle + in_use + connecting == size`` (up to ``size + max(1, size // 4)``
+    while :meth:`ConnectionPool.drain` opens replacements); ``retiring`` counts apart.
     """
 
     __module__ = "geventconnpool"
@@ -21,7 +22,8 @@ class PoolStats:
     in_use: int
     """Connections held by callers, or by a keepalive or ``check_after`` check."""
     connecting: int
-    """Connections being opened, or waiting to retry after a failed attempt."""
+    """Connections being opened, or waiting to retry after a failed attempt; during a
+    :meth:`ConnectionPool.drain`, its replacements being opened too."""
     waiting: int
     """Callers blocked in :meth:`ConnectionPool.get`."""
     checkouts: int
@@ -52,6 +54,19 @@ class PoolStats:
     overloaded: int = 0
     """Calls of :meth:`ConnectionPool.get` refused at once with :class:`~geventconnpool.PoolOverloaded`,
     because ``max_waiting`` callers already waited.
+
+    .. versionadded:: 1.1
+    """
+    retiring: int = 0
+    """Connections the pool closes for good when they come back, or as they open, after
+    :meth:`ConnectionPool.resize` made it smaller or :meth:`ConnectionPool.drain` replaced them; they are
+    not part of ``size``.
+
+    .. versionadded:: 1.1
+    """
+    retired: int = 0
+    """Connections closed for good, without a replacement: :meth:`ConnectionPool.resize` made the pool
+    smaller, or :meth:`ConnectionPool.drain` had already replaced them.
 
     .. versionadded:: 1.1
     """

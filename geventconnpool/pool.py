@@ -14,11 +14,21 @@ Callers that found nothing idle wait in ``_waiters``, first come, first
 served; callers of :meth:`wait` wait in ``_ready_waiters``, woken by
 ``_add`` (``_readiness.py``).  The invariant, while the pool is open: every
 one of the ``size`` slots is exactly one of idle, in use or connecting, so
-``len(_entries) + _connecting == size``.  Only ``_open_slot`` (+1
-connecting), ``_add`` (connecting -> idle or lent), ``_close_and_replace``
-(in use -> connecting), :meth:`close` (everything -> nothing) and the fork
-hooks (everything -> connecting) change those counts; lending and giving
-back only move an entry in or out of ``_idle``.  An entry is handed to a
+``len(_entries) + _connecting - _to_retire == size``.  Only ``_open_slot``
+(+1 connecting), ``_add`` (connecting -> idle or lent; or, while
+``_to_retire``, connecting -> closed, both -1), ``_close_and_replace``
+(in use -> connecting), :meth:`close` (everything -> nothing), the fork
+hooks (everything -> connecting), :meth:`resize` (``_lifecycle.py``:
++n connecting; or idle -> closed, connecting -> ``_to_retire``, in use ->
+``_retiring``) and :meth:`drain`'s swap (a new connection in, an old one
+idle -> closed or in use -> ``_retiring``, without a switch between) change
+those counts; lending and giving back only move an entry in or out of
+``_idle``.  ``_retiring`` holds the entries a shrink or a drain took out of
+``_entries`` while a caller held them: closed, not replaced, when they come
+back.  Open connections number ``size + len(_retiring)`` plus what
+``_to_retire`` and a drain's replacements in flight are opening; a drain
+keeps its part of that (``_retiring`` and its replacements in flight) at
+``max(1, size // 4)`` at most.  An entry is handed to a
 waiter directly, never through ``_idle``: a non-empty ``_idle`` means that
 nobody waits, which is what lets ``get()`` take the fast path.
 
@@ -26,13 +36,21 @@ Entries.  The entry is also the context manager that ``get()`` returns, so
 a checkout allocates nothing.  Its ``__exit__`` is the return half of the
 hot path; there is one entry class per set of options (plain,
 ``leak_warning`` only, timed, and resetting for a class that overrides
-``_reset``), so that each pool pays only for the bookkeeping its options need.
+``_reset``), so that each pool pays only for the bookkeeping its options
+need.  When a held entry must not go back to ``_idle`` as it is
+(``discard()``, a shrink), its ``pool`` is swapped for a ``Diverted`` one
+that every path of those exits reaches instead (see ``_lifecycle.py``): the
+exits stay as they are, and cost nothing more.  Explicit leases
+(``acquire()``) are entries entered on the caller's behalf, in ``_leases``
+until ``release()`` exits them.
 
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option is set, with the *keepalive*
-checks and the *recycle* closes it starts (``_maintenance.py``).
+checks and the *recycle* closes it starts (``_maintenance.py``); up to
+``max(1, size // 4)`` *drain* greenlets during a :meth:`drain`
+(``_lifecycle.py``).
 
 Observers.  The metrics exporters (``otel.py``, ``prometheus.py``) read
 ``stats()`` when collected; in ``_observers`` they hear only durations, and
@@ -87,7 +105,7 @@ from gevent.event import Event
 from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
 
-from geventconnpool import _arguments
+from geventconnpool import _arguments, _lifecycle
 from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
@@ -108,6 +126,7 @@ from geventconnpool._lease import (
     Waiter,
     wake,
 )
+from geventconnpool._lifecycle import LifecyclePool, retire_new
 from geventconnpool._maintenance import SHORTEST_LIFETIME, MaintainedPool, close_recycled, maintenance_loop
 from geventconnpool._observing import ObservedPool, Observer, tell
 from geventconnpool._outage import OutageLog
@@ -274,6 +293,11 @@ class ConnectionPool(Generic[C]):
         self._ready_waiters: List[ReadyWaiter] = []  # callers of wait(), woken by _add (_readiness.py)
         self._checking: Set[Entry[C]] = set()  # in use by a background keepalive check
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
+        # Lifecycle control (_lifecycle.py): what resize() and drain() close for good, the explicit leases.
+        self._retiring: Set[Entry[C]] = set()  # held, out of _entries, closed when they come back
+        self._to_retire = 0  # of the _connecting slots, those whose connection is closed as it opens
+        self._leases: Dict[int, Entry[C]] = {}  # acquire()'s, by id() of the connection
+        self._drain: Optional[_lifecycle.Drain[C]] = None  # the latest drain()
         self._closed = False
         self._greenlets: Set[gevent.Greenlet[Any, Any]] = set()
         # The metrics exporters, told of durations on slow paths only (_observing.py).
@@ -494,17 +518,137 @@ class ConnectionPool(Generic[C]):
         """
         wait_open(self, timeout, min_open)  # switches
 
-    def close(self) -> None:
-        """Close the pool; calling it again does nothing.
+    def acquire(self, timeout: Optional[float] = None) -> C:
+        """Borrow a connection until :meth:`release`, for a loan that no ``with`` block can span.
+
+        Waiting, fairness, timeouts, ``leak_warning`` and fork follow the
+        rules of :meth:`get`; a connection never released is never lent
+        again, so pair each call with :meth:`release` in a ``finally``.
+
+        :param timeout: seconds to wait for a free connection, as for :meth:`get`.
+        :returns: the connection.
+        :raises PoolTimeout: no connection became free in time.
+        :raises PoolClosed: the pool is closed.
+        :raises PoolUnavailable: ``fail_fast`` is on and the remote is down.
+        :raises RuntimeError: called from a thread other than the pool's.
+
+        .. versionadded:: 1.1
+        """
+        if timeout is not None:
+            _arguments.seconds(timeout, "timeout", zero=True)
+        entry = self._acquire(timeout, _getframe(1) if self._leak_warning is not None else None)
+        return _lifecycle.lend(self, entry)
+
+    def release(self, c: C, discard: bool = False) -> None:
+        """Give back a connection that :meth:`acquire` lent.
+
+        :param c: the connection.
+        :param discard: true when ``c`` is broken: it is closed and replaced,
+            as after one of ``exc_classes`` in a ``with`` block.
+        :raises RuntimeError: ``c`` was released already, or this pool's
+            :meth:`acquire` did not lend it (one from :meth:`get` included);
+            nothing changes.
+
+        .. versionadded:: 1.1
+        """
+        self._check_thread_and_fork()
+        _lifecycle.release(self, c, _arguments.flag(discard, "discard"))  # switches
+
+    def discard(self, c: C) -> None:
+        """Mark the connection ``c``, which the caller holds, as broken, without raising anything.
+
+        The caller keeps using ``c`` until its ``with`` block ends (or until
+        :meth:`release`); then the pool closes it and opens a replacement.  For
+        a reply that said ``Connection: close``, or a protocol error the
+        caller recovered from.  Calling it again, or on a closed pool (which
+        closes every connection anyway), does nothing more.  It costs
+        nothing on the checkout path: it looks ``c`` up among the ``size``
+        connections.
+
+        :raises ValueError: no caller holds ``c`` from this open pool (it is
+            idle, was given back, or is another pool's); nothing changes.
+
+        .. versionadded:: 1.1
+        """
+        _lifecycle.discard(self, c)
+
+    def resize(self, size: int) -> None:
+        """Change how many connections the pool keeps; :attr:`size` and ``stats().size`` change at once.
+
+        Growing opens the new connections in the background.  Shrinking
+        closes idle connections first, then cancels connections still being
+        opened, and closes held ones, for good, when they come back (counted
+        in ``stats().retiring`` meanwhile).
+
+        :param size: the new size, an int >= 1.
+        :raises TypeError: ``size`` is not an int.
+        :raises ValueError: ``size`` is below 1.
+        :raises PoolClosed: the pool is closed.
+
+        .. versionadded:: 1.1
+        """
+        size = _arguments.whole_number(size, "size", minimum=1)
+        self._check_thread_and_fork()
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        _lifecycle.resize(self, size)
+
+    def drain(self, wait: bool = False) -> None:
+        """Replace every connection open now, while the pool keeps serving (rotated credentials, a failover).
+
+        It first opens one connection with :meth:`_new_connection` (the
+        canary), in the caller's greenlet.  If that fails, ``drain()`` raises
+        its error, within ``connect_timeout``, and changes nothing.  Then the
+        canary takes the place of an old idle connection, and background
+        greenlets replace the others make-before-break: an old connection is
+        closed only once its replacement is open, at most ``max(1, size //
+        4)`` replacements are opened at once, and the pool never holds more
+        than ``size + max(1, size // 4)`` open connections.  An old
+        connection that a caller holds is closed when it comes back.  Calling
+        it again during a drain starts over from the connections open then.
+
+        :param wait: return only once no old connection is left open; by
+            default it returns once the canary is in service.
+        :raises PoolClosed: the pool is closed.
+        :raises Exception: what the canary's :meth:`_new_connection` raised
+            (:exc:`TimeoutError` past ``connect_timeout``).
+
+        .. versionadded:: 1.1
+        """
+        _arguments.flag(wait, "wait")
+        self._check_thread_and_fork()
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        _lifecycle.drain(self)  # switches
+        while wait and _lifecycle.draining(self) and not self._closed:
+            gevent.sleep(0.01)  # switches
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close the pool.
 
         It stops the pool's background greenlets, closes the idle connections,
         wakes every waiter with :class:`~geventconnpool.PoolClosed`, and closes
-        each connection still held when it comes back.
+        each connection still held when it comes back.  With ``timeout``, it
+        then waits up to that long for the held ones to come back, closes
+        those that did not under their holders, and returns once every
+        connection is closed (a worker's graceful shutdown).  Calling it again
+        closes nothing more, but waits the same way when given ``timeout``.
+
+        :param timeout: seconds to wait for held connections; ``None`` does
+            not wait for them, ``0`` closes them at once.
 
         .. versionadded:: 1.0
+        .. versionchanged:: 1.1
+           Added ``timeout``.
         """
-        if self._closed:
-            return
+        limit = _arguments.seconds(timeout, "timeout", zero=True)
+        if not self._closed:
+            self._close_now()  # switches
+        if limit is not None:
+            _lifecycle.close_held(self, limit)  # switches
+
+    def _close_now(self) -> None:
+        """The first :meth:`close`: decide everything, then close what is idle."""
         self._closed = True
         wake_all(self._ready_waiters)
         closed_error = PoolClosed(f"pool {self.name!r} is closed")
@@ -536,7 +680,7 @@ class ConnectionPool(Generic[C]):
                     "pool %r: closed, but %d background greenlets did not stop", self.name, len(stuck)
                 )
         finally:
-            self._connecting = 0
+            self._connecting = self._to_retire = 0
             # A keepalive check or a background close killed before it started
             # never gave its connection back, nor closed it.
             unfinished = list(self._checking) + list(self._closing)
@@ -561,7 +705,7 @@ class ConnectionPool(Generic[C]):
             size=self._size,
             idle=len(self._idle),
             in_use=len(self._entries) - len(self._idle),
-            connecting=self._connecting,
+            connecting=self._connecting - self._to_retire + (self._drain.in_flight if self._drain else 0),
             waiting=len(self._waiters),
             checkouts=int(self._checkouts),
             opened=self._opened,
@@ -572,6 +716,8 @@ class ConnectionPool(Generic[C]):
             closed_while_idle=self._closed_while_idle,
             timeouts=self._timeouts,
             overloaded=self._overloaded,
+            retiring=len(self._retiring) + self._to_retire,
+            retired=self._retired,
         )
 
     # -- options: read-only, or live ------------------------------------------
@@ -956,7 +1102,9 @@ class ConnectionPool(Generic[C]):
     def _release(self, entry: Entry[C]) -> None:
         """A held entry comes back: lend it to the first waiter, keep it idle, or drop it."""
         if entry.pool is not self:
-            return  # opened by the parent process before fork(): never used here
+            # Orphaned by fork() (the orphanage forgets it), or diverted (see _lifecycle.py).
+            entry.pool._release(entry)
+            return
         if self._closed:
             self._close_and_replace(entry)
             return
@@ -1025,6 +1173,7 @@ class ConnectionPool(Generic[C]):
         ``in_background`` closes it in a greenlet of its own.
         """
         if entry.pool is not self:
+            entry.pool._discard(entry, error)  # orphaned, or diverted: as _release() does
             return
         if not self._closed:
             self._discarded += 1
@@ -1095,6 +1244,8 @@ class ConnectionPool(Generic[C]):
 
     def _add(self, conn: C) -> None:
         """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
+        if self._to_retire and retire_new(self, conn):  # switches
+            return
         lifetime = (
             math.inf
             if self.max_lifetime is None
@@ -1169,6 +1320,7 @@ class ConnectionPool(Generic[C]):
         self._opened = self._failed_connects = self._discarded = 0
         self._recycled = self._keepalive_failures = self._timeouts = self._closed_while_idle = 0
         self._overloaded = 0
+        self._retired = 0
 
     def _drop_after_fork(self) -> None:
         """In a child process: forget the parent's connections, without closing them.
@@ -1178,7 +1330,7 @@ class ConnectionPool(Generic[C]):
         """
         ours = self._owner._is_owned()
         self._generation += 1
-        for entry in self._entries:
+        for entry in (*self._entries, *self._retiring):
             entry.pool = ORPHANAGE
             if entry.watcher is not None:
                 self._orphaned_watchers.append(entry.watcher)
@@ -1196,6 +1348,8 @@ class ConnectionPool(Generic[C]):
         self._idle.clear()
         self._entries.clear()
         self._ready_waiters.clear()  # the parent's callers: never woken here
+        self._retiring.clear()
+        self._to_retire = 0
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
@@ -1294,6 +1448,7 @@ if TYPE_CHECKING:
         WatchingPool[Any],
         ReadinessPool[Any],
         ObservedPool[Any],
+        LifecyclePool[Any],
     ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool, pool, pool
+        return pool, pool, pool, pool, pool, pool, pool

@@ -583,3 +583,65 @@ def test_pools_of_an_ended_thread_do_not_keep_a_fork_from_dropping_the_other_poo
         assert own_ports(pool) == parent_ports
     threaded_server.stop()
     leak_check()
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_lease_acquired_before_fork_and_released_in_the_child_comes_back_to_nothing(
+    fork, threaded_server, leak_check, discard
+):
+    """A connection the parent took with acquire() is released in the child to nothing: neither reused nor
+    closed there, discarded or not, and the parent still releases its own lease."""
+    server = threaded_server.server
+    with TracingPool(server, 2) as pool:
+        pool.wait(timeout=5)
+        held = pool.acquire()
+        held_port = local_port(held)
+
+        def child() -> Dict[str, Any]:
+            pool.release(held, discard=discard)
+            ports = own_ports(pool)
+            s = pool.stats()
+            return {"ports": sorted(ports), "closes": pool.closes, "gauges": [s.idle, s.in_use, s.discarded]}
+
+        report = run_child(fork, child)
+        assert held_port not in report["ports"]
+        assert report["closes"] == []
+        assert report["gauges"] == [2, 0, 0]
+        assert talk(held, "WHO") == str(held_port)
+        pool.release(held)
+        assert pool.stats().idle == 2 and pool.closes == []
+    threaded_server.stop()
+    leak_check()
+
+
+def test_fork_during_a_drain_leaves_the_drain_to_the_parent(fork, threaded_server, leak_check):
+    """A child forked while a drain waits for a held old connection opens its own connections, replaces and
+    closes nothing of the parent's, and has no drain under way; the parent's drain then finishes."""
+    server = threaded_server.server
+    with TracingPool(server, 2) as pool:
+        pool.wait(timeout=5)
+        with pool.get() as held:
+            held_port = local_port(held)
+            pool.drain()
+            wait_until(lambda: pool.stats().retiring == 1 and pool.stats().idle == 2)
+
+            def child() -> Dict[str, Any]:
+                ports = own_ports(pool)
+                gevent.sleep(0.05)  # a few drain polls: nothing happens to the parent's (a negative check)
+                s = pool.stats()
+                return {
+                    "ports": sorted(ports),
+                    "closes": [
+                        c for c in pool.closes if c["pid"] == os.getpid()
+                    ],  # not those copied from the parent
+                    "gauges": [s.idle, s.in_use, s.connecting, s.retiring],
+                }
+
+            report = run_child(fork, child)
+            assert held_port not in report["ports"]
+            assert report["closes"] == []
+            assert report["gauges"] == [2, 0, 0, 0]
+        wait_until(lambda: held_port in [c["port"] for c in pool.closes])
+        assert pool.stats().retiring == 0
+    threaded_server.stop()
+    leak_check()

@@ -1,4 +1,5 @@
-"""A model-based test: random sequences of loans, returns, kills, outages, keepalive ticks and close.
+"""A model-based test: random sequences of loans (with get() or acquire()), returns, discards, kills,
+outages, keepalive ticks, resizes, drains and close (with or without a timeout).
 
 Hypothesis drives a pool of scripted in-memory connections (the pool treats
 connections as black boxes) through random steps, and after every step checks
@@ -53,6 +54,7 @@ class Holder:
         self.command: AsyncResult = AsyncResult()
         self.outcome = ""
         self.greenlet: Optional[gevent.Greenlet] = None
+        self.explicit = False  # borrows with acquire() and release() instead of a with block
 
     def __repr__(self) -> str:
         return f"<holder {self.n} {self.state} {self.conn!r} {self.outcome}>"
@@ -70,8 +72,11 @@ class PoolMachine(RuleBasedStateMachine):
         self.holding: Dict[int, int] = {}  # how many holders each connection (by number) has now
         self.shared: List[FakeConn] = []  # connections found with two holders at once
         self.discards = 0  # discards the model expects from holders, while the pool is open
+        # Broken connections given back while a drain may swap them out first: discarded, or retired.
+        self.discards_or_retired = 0
         self.closed = False
         self.served_at_close = 0
+        self.closed_under_holders = False  # close(timeout) closed connections still held
 
     # -- set-up and the holders ---------------------------------------------------------------
 
@@ -82,28 +87,47 @@ class PoolMachine(RuleBasedStateMachine):
         )
         self.pool.wait(timeout=5)
 
+    def _use(self, holder: Holder, c: FakeConn) -> None:
+        """What a holder does with its connection: hold it until told, then end as told."""
+        assert self.pool is not None
+        holder.conn = c
+        holder.state = "holding"
+        self.served.append(holder.n)
+        self.holding[c.number] = self.holding.get(c.number, 0) + 1
+        if self.holding[c.number] > 1:
+            self.shared.append(c)
+        try:
+            command = holder.command.get()
+        finally:
+            self.holding[c.number] -= 1
+        if command == "discard":
+            self.pool.discard(c)
+        if command == "error":
+            raise ConnectionResetError("the request failed")
+        if command == "other":
+            raise ValueError("an application error")
+        if command == "timeout":
+            with gevent.Timeout(0.001):
+                Event().wait()
+
     def _hold(self, holder: Holder) -> None:
         assert self.pool is not None
         holder.state = "waiting"
         try:
-            with self.pool.get() as c:
-                holder.conn = c
-                holder.state = "holding"
-                self.served.append(holder.n)
-                self.holding[c.number] = self.holding.get(c.number, 0) + 1
-                if self.holding[c.number] > 1:
-                    self.shared.append(c)
+            if holder.explicit:
+                c = self.pool.acquire()
+                breaks = True  # a kill, a timeout or one of exc_classes: as a with block would
                 try:
-                    command = holder.command.get()
+                    self._use(holder, c)
+                    breaks = False
+                except ValueError:
+                    breaks = False
+                    raise
                 finally:
-                    self.holding[c.number] -= 1
-                if command == "error":
-                    raise ConnectionResetError("the request failed")
-                if command == "other":
-                    raise ValueError("an application error")
-                if command == "timeout":
-                    with gevent.Timeout(0.001):
-                        Event().wait()
+                    self.pool.release(c, discard=breaks)
+            else:
+                with self.pool.get() as c:
+                    self._use(holder, c)
             holder.outcome = "returned"
         except ConnectionResetError:
             holder.outcome = "error"
@@ -135,10 +159,15 @@ class PoolMachine(RuleBasedStateMachine):
             if self._by_state("asking"):
                 return False
             s = pool.stats()
-            if s.in_use != len(self._by_state("holding")) or s.waiting != len(self._by_state("waiting")):
+            holding = len(self._by_state("holding"))
+            if s.waiting != len(self._by_state("waiting")):
+                return False
+            if not self.closed_under_holders and not s.in_use <= holding <= s.in_use + s.retiring:
                 return False
             if [c for c in self._idle_conns() if c.broken]:
                 return False
+            if not self.closed and len([c for c in self.remote.conns if c.closed]) != s.discarded + s.retired:
+                return False  # a retired connection is closed in the background
             return self.closed or not self.remote.up or s.connecting == 0
 
         wait_until(quiet, timeout=5, message=lambda: repr((pool, self.holders)))
@@ -156,13 +185,87 @@ class PoolMachine(RuleBasedStateMachine):
         if self.closed:
             assert holder.outcome == "closed"
 
+    @precondition(lambda self: len([h for h in self.holders if h.state != "done"]) < 6)
+    @rule()
+    def acquire(self) -> None:
+        """A greenlet asks for a connection with acquire(), to release() it later."""
+        holder = Holder(len(self.holders))
+        holder.explicit = True
+        self.holders.append(holder)
+        holder.greenlet = gevent.spawn(self._hold, holder)
+        self._settle()
+        if self.closed:
+            assert holder.outcome == "closed"
+
     def _release(self, data: st.DataObject, command: str) -> None:
         holder = data.draw(st.sampled_from(self._by_state("holding")))
-        if command in ("error", "timeout") and not self.closed:
-            self.discards += 1
+        if command in ("error", "timeout", "discard"):
+            self._expect_discard(holder)
         holder.command.set(command)
         wait_until(lambda: holder.state == "done")
-        assert holder.outcome == {"ok": "returned"}.get(command, command)
+        assert holder.outcome == {"ok": "returned", "discard": "returned"}.get(command, command)
+        self._settle()
+
+    def _expect_discard(self, holder: Holder) -> None:
+        """Count the discard of a broken connection that a holder gives back."""
+        assert self.pool is not None
+        if self.closed or self._retiring(holder):
+            return  # closed for good instead
+        drain = self.pool._drain
+        if drain is not None and any(e.conn is holder.conn for e in drain.old):
+            self.discards_or_retired += 1  # a drain worker may retire it before the holder gives it back
+        else:
+            self.discards += 1
+
+    def _retiring(self, holder: Holder) -> bool:
+        """Whether the holder's connection is one that a shrink closes for good when it comes back."""
+        assert self.pool is not None
+        return any(e.conn is holder.conn for e in self.pool._retiring)
+
+    @precondition(lambda self: self._by_state("holding"))
+    @rule(data=st.data())
+    def discard_and_give_back(self, data: st.DataObject) -> None:
+        """A holder calls pool.discard(c), and its block ends normally: the connection is discarded."""
+        self._release(data, "discard")
+
+    @precondition(lambda self: not self.closed)
+    @rule(size=st.integers(min_value=1, max_value=5))
+    def resize(self, size: int) -> None:
+        """The pool is resized: idle connections go first, held ones when they come back."""
+        assert self.pool is not None
+        self.pool.resize(size)
+        assert self.pool.stats().size == size
+        self._settle()
+
+    @precondition(lambda self: not self.closed)
+    @rule()
+    def drain(self) -> None:
+        """The pool is drained: with the remote down its canary fails and nothing changes; with it up, every
+        connection is replaced make-before-break, held ones when they come back."""
+        assert self.pool is not None
+        before = self.pool.stats()
+        try:
+            self.pool.drain()
+        except ConnectionRefusedError:
+            assert not self.remote.up
+            assert self.pool.stats() == before
+        else:
+            assert self.remote.up
+        self._settle()
+
+    @precondition(lambda self: not self.closed)
+    @rule(timeout=st.sampled_from([0.0, 0.01]))
+    def close_with_timeout(self, timeout: float) -> None:
+        """The pool is closed with a grace period: what is still held after it is closed under its holder."""
+        assert self.pool is not None
+        waiting = self._by_state("waiting")
+        self.pool.close(timeout=timeout)
+        self.closed = True
+        self.served_at_close = len(self.served)
+        self.closed_under_holders = bool(self._held_conns())
+        wait_until(lambda: all(h.state == "done" for h in waiting))
+        assert all(h.outcome == "closed" for h in waiting)
+        assert all(c.closed for c in self.remote.conns)
         self._settle()
 
     @precondition(lambda self: self._by_state("holding"))
@@ -194,8 +297,8 @@ class PoolMachine(RuleBasedStateMachine):
     def kill(self, data: st.DataObject) -> None:
         """A holder or a waiter is killed with Greenlet.kill()."""
         holder = data.draw(st.sampled_from(self._by_state("holding") + self._by_state("waiting")))
-        if holder.state == "holding" and not self.closed:
-            self.discards += 1
+        if holder.state == "holding":
+            self._expect_discard(holder)
         assert holder.greenlet is not None
         holder.greenlet.kill()
         assert holder.outcome == "killed"
@@ -261,7 +364,8 @@ class PoolMachine(RuleBasedStateMachine):
         held = self._held_conns()
         assert self.shared == []
         assert len({id(c) for c in held}) == len(held)
-        assert not [c for c in held if c.closed]
+        if not self.closed_under_holders:
+            assert not [c for c in held if c.closed]
 
     @invariant()
     def nothing_closed_twice(self) -> None:
@@ -273,7 +377,12 @@ class PoolMachine(RuleBasedStateMachine):
             return
         s = self.pool.stats()
         holding = len(self._by_state("holding"))
-        assert s.in_use == holding
+        # A held connection that a shrink retires is no longer part of the pool's size; one that
+        # close(timeout) closed under its holder is no longer the pool's at all.
+        if self.closed_under_holders:
+            assert s.in_use == s.retiring == 0
+        else:
+            assert s.in_use <= holding <= s.in_use + s.retiring
         assert s.waiting == len(self._by_state("waiting"))
         assert s.opened == len(self.remote.conns)
         if self.closed:
@@ -281,9 +390,9 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert s.idle + s.in_use + s.connecting == s.size
         assert s.idle == len(self._idle_conns())
-        assert s.opened - s.discarded - s.recycled == s.idle + s.in_use
-        assert s.discarded == self.discards + s.keepalive_failures
-        assert len([c for c in self.remote.conns if c.closed]) == s.discarded
+        assert s.opened - s.discarded - s.recycled - s.retired == s.idle + holding
+        assert self.discards <= s.discarded - s.keepalive_failures <= self.discards + self.discards_or_retired
+        assert len([c for c in self.remote.conns if c.closed]) == s.discarded + s.retired
         if s.waiting:
             assert s.idle == 0
         if self.remote.up:

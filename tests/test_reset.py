@@ -10,7 +10,7 @@ import pytest
 from doubles import FLAVOURS
 from gevent import socket
 from gevent.event import Event
-from helpers import LinePool, LineServer, local_port, recv_line, wait_until
+from helpers import LinePool, LineServer, local_port, recv_line, serving, wait_until
 
 from geventconnpool._lease import Entry, ResettingEntry
 
@@ -68,12 +68,8 @@ class MailboxPool(LinePool):
 
 @pytest.fixture
 def mailbox_server():
-    server = MailboxServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    """A MailboxServer on a free loopback port."""
+    yield from serving(MailboxServer())
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
@@ -191,4 +187,35 @@ def test_a_pool_that_does_not_override_reset_lends_the_plain_entry(line_server, 
         assert type(lease) is ResettingEntry
         with lease:
             pass
+    leak_check()
+
+
+def test_an_explicit_lease_is_reset_when_released(mailbox_server, leak_check):
+    """acquire()/release() follow the rules of a with block: the released connection is reset first."""
+    pool = MailboxPool(mailbox_server, 1)
+    pool.wait(timeout=5)
+    c = pool.acquire(timeout=5)
+    assert say(c, b"SELECT inbox") == b"OK"
+    pool.release(c)
+    assert pool.resets == [local_port(c)]
+    with pool.get() as again:
+        assert again is c
+        assert say(again, b"SELECTED") == b"NONE"
+    pool.close()
+    leak_check()
+
+
+def test_a_connection_the_holder_discarded_is_closed_without_a_reset(mailbox_server, leak_check):
+    """discard(c) in a block: the connection is closed and replaced when the block ends, never reset."""
+    pool = MailboxPool(mailbox_server, 1)
+    pool.wait(timeout=5)
+    with pool.get() as c:
+        assert say(c, b"SELECT inbox") == b"OK"
+        pool.discard(c)
+    assert pool.resets == []
+    wait_until(lambda: mailbox_server.closed == 1 and pool.stats().idle == 1)
+    with pool.get() as fresh:
+        assert fresh is not c
+        assert say(fresh, b"SELECTED") == b"NONE"
+    pool.close()
     leak_check()

@@ -39,6 +39,8 @@ def test_stats_is_a_frozen_dataclass_with_the_documented_fields(line_server, lea
             "closed_while_idle",
             "timeouts",
             "overloaded",
+            "retiring",
+            "retired",
         }
         with pytest.raises(dataclasses.FrozenInstanceError):
             s.idle = 5  # type: ignore[misc]

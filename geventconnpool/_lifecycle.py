@@ -1,0 +1,406 @@
+"""Lifecycle control: a holder's discard, explicit leases, closing with a grace period, resizing, draining.
+
+Private.  None of it runs on the checkout path.  What the pool must do with
+a held connection when it comes back (close it and open another, or close it
+for good) is decided by swapping the entry's ``pool`` for a :class:`Diverted`
+one, which every way out of the entries' exits reads instead of the pool:
+the exits stay as they are, and a ``with`` block entered before the swap is
+diverted too (its ``__exit__`` was looked up when the block began, but reads
+``self.pool`` only when it runs).  What this module may use of its pool is
+:class:`LifecyclePool`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Generic, List, Optional, Protocol, Set, Tuple, Type, TypeVar
+
+import gevent
+
+from geventconnpool._lease import ENTERED, IN_POOL, NEVER, ORPHANAGE, ClosingIdle, Entry, Waiter
+from geventconnpool._maintenance import close_recycled
+from geventconnpool._watching import unwatch
+
+C = TypeVar("C")
+
+logger = logging.getLogger("geventconnpool")
+
+_now = time.monotonic
+
+
+class LifecyclePool(Protocol[C]):
+    """What lifecycle control uses of the pool: the private contract of this module."""
+
+    @property
+    def name(self) -> str: ...
+
+    _size: int
+    _closed: bool
+    _entries: Set[Entry[C]]
+    _idle: Deque[Entry[C]]
+    _connecting: int
+    _closing: Set[Entry[C]]
+    _watchers: Set[Any]
+    _leases: Dict[int, Entry[C]]  # by id() of the connection: a connection need not be hashable
+    _retiring: Set[Entry[C]]  # held, closed for good when they come back (a shrink)
+    _to_retire: int  # connecting slots whose connection is closed for good as it opens (a shrink)
+    _retired: int
+    _opened: int
+    _drain: Optional[Drain[C]]  # the latest drain()
+    _generation: int
+    _greenlets: Set[gevent.Greenlet[Any, Any]]
+
+    @property
+    def connect_timeout(self) -> Optional[float]: ...
+
+    def _discard(
+        self,
+        entry: Entry[C],
+        error: Optional[BaseException],
+        found_by: str = ...,
+        unexpected: bool = ...,
+        in_background: bool = ...,
+    ) -> None: ...
+    def _check_thread_and_fork(self) -> None: ...
+    def _close_quietly(self, conn: C, in_background: bool = False) -> None: ...
+    def _leave_idle(self, entry: Entry[C]) -> None: ...
+    def _open_slot(self, after_failures: int = 0) -> None: ...
+    def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
+    def _new_connection(self) -> C: ...
+    def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any: ...
+    def _add(self, conn: C) -> None: ...
+    def _reconnect_wait(self, attempt: int) -> float: ...
+    def _stopping(self) -> bool: ...
+
+
+def _nothing() -> None:
+    pass
+
+
+class Diverted(Generic[C]):
+    """What a held entry's ``pool`` becomes when it must not go back to the idle ones as it is.
+
+    However its block ends (normally, with an error that breaks the
+    connection or with one that does not, a waiter queued or not), the
+    entry's exit reaches :meth:`_release`, :meth:`_discard` or ``_idle.append``
+    here, which give the entry back to its pool and call ``back`` with it.
+    The pool's own ``_release`` and ``_discard`` forward here too, for an
+    entry that comes back from a check or an interrupted waiter.
+    """
+
+    _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)  # every error: the same way back
+    _waiters: Deque[Waiter] = deque()  # always empty: the exits never hand this entry to a waiter
+    _closed = True
+    _run_callback: Callable[..., Any] = print  # never called: nobody waits here
+    _handed: Deque[Waiter] = deque()
+    _wakeup_scheduled = True
+    _wake_handed: Callable[[], None] = print
+    _to_watch: List[Entry[Any]] = []  # never has any: a diverted entry is never watched
+    _start_watchers: Callable[[], None] = staticmethod(_nothing)
+
+    def __init__(self, pool: LifecyclePool[C], back: Callable[[Entry[C]], None]) -> None:
+        self.pool = pool
+        self.back = back
+        self._idle: Deque[Entry[C]] = ClosingIdle(self._release)
+
+    def _release(self, entry: Entry[C]) -> None:
+        entry.pool = self.pool  # type: ignore[assignment]
+        self.back(entry)
+
+    def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
+        self._release(entry)
+
+    def _reset_and_release(self, entry: Entry[C]) -> None:
+        self._release(entry)  # no reset: the connection is not kept as it is
+
+
+def at_home(entry: Entry[C], pool: LifecyclePool[C]) -> bool:
+    """Whether ``entry`` goes back to ``pool`` as usual: not diverted, nor orphaned by fork()."""
+    return entry.pool is pool  # type: ignore[comparison-overlap]
+
+
+# -- discard ----------------------------------------------------------------------------------
+
+
+def held_entry(pool: LifecyclePool[C], conn: C) -> Optional[Entry[C]]:
+    """The entry of ``conn`` if a caller holds it, inside its block or as an explicit lease; else None.
+
+    A scan of the pool's entries: one call of discard() costs ``size`` steps,
+    so that the checkout path need not keep any index.
+    """
+    for entry in itertools.chain(pool._entries, pool._retiring):
+        if entry.conn is conn and entry.loan is ENTERED:
+            return entry
+    return None
+
+
+def discard(pool: LifecyclePool[C], conn: C) -> None:
+    """Mark the held ``conn`` broken: it is closed and replaced when its holder gives it back."""
+    pool._check_thread_and_fork()
+    if pool._closed:
+        return  # every connection is closed when it comes back, or was closed under its holder already
+    entry = held_entry(pool, conn)
+    if entry is None:
+        raise ValueError(
+            f"pool {pool.name!r}: discard() of a connection that no caller holds from this pool: {conn!r}"
+        )
+    if at_home(entry, pool):  # not diverted already (discarded, or retired by a shrink)
+        entry.pool = Diverted(pool, functools.partial(_discarded, pool))
+
+
+def _discarded(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    pool._discard(entry, None, "pool.discard() by its holder")  # switches
+
+
+# -- explicit leases ------------------------------------------------------------------------------
+
+
+def lend(pool: LifecyclePool[C], entry: Entry[C]) -> C:
+    """Enter the lease ``entry`` for a caller of acquire(), and remember it until release()."""
+    conn = entry.__enter__()
+    pool._leases[id(conn)] = entry
+    return conn
+
+
+def release(pool: LifecyclePool[C], conn: C, discard_it: bool) -> None:
+    """End the explicit lease of ``conn``, as the end of a ``with`` block would."""
+    entry = pool._leases.get(id(conn))
+    if entry is None or entry.conn is not conn:
+        raise RuntimeError(
+            f"pool {pool.name!r}: release() of a connection that acquire() did not lend, "
+            f"or that was released already: {conn!r}"
+        )
+    del pool._leases[id(conn)]
+    if discard_it and at_home(entry, pool):
+        entry.pool = Diverted(pool, functools.partial(_discarded, pool))
+    entry.__exit__(None, None, None)  # switches
+
+
+# -- closing with a grace period -----------------------------------------------------------------
+
+
+def close_held(pool: LifecyclePool[C], limit: float) -> None:
+    """After close(): wait up to ``limit`` seconds for held connections to come back, then close them.
+
+    A connection closed under its holder is the holder's to lose: its exit,
+    or release(), finds it orphaned and does nothing more.
+    """
+    deadline = _now() + limit
+    while pool._entries or pool._retiring:
+        remaining = deadline - _now()
+        if remaining <= 0:
+            break
+        gevent.sleep(min(remaining, 0.01))  # switches
+    held = list(pool._entries) + list(pool._retiring)
+    pool._entries.clear()
+    pool._retiring.clear()
+    if held:
+        logger.warning(
+            "pool %r: closing %d connections still held %s s after close()", pool.name, len(held), limit
+        )
+    for entry in held:
+        entry.pool = ORPHANAGE
+        unwatch(entry, pool._watchers)
+    for entry in held:
+        pool._close_quietly(entry.conn)  # switches
+
+
+# -- resizing -----------------------------------------------------------------------------------
+
+
+def resize(pool: LifecyclePool[C], size: int) -> None:
+    """Change the pool's size: open the new slots, or close the surplus, idle ones first."""
+    grow = size - pool._size
+    pool._size = size
+    if grow >= 0:
+        for _ in range(grow):
+            pool._open_slot()
+        return
+    surplus = -grow
+    # Idle connections first, the least recently used ones (on the left).
+    while surplus and pool._idle:
+        entry = pool._idle[0]
+        pool._leave_idle(entry)
+        _retire_now(pool, entry)
+        surplus -= 1
+    # Then slots still opening: their connection is closed as it opens.
+    cancelled = min(surplus, pool._connecting - pool._to_retire)
+    pool._to_retire += cancelled
+    surplus -= cancelled
+    # Then held ones (by a caller, or by a check): closed when they come back.
+    for entry in [e for e in pool._entries if at_home(e, pool)][:surplus]:
+        _retire_later(pool, entry)
+        surplus -= 1
+    # A held entry already discarded by its holder is replaced when it comes back: one slot more to cancel.
+    pool._to_retire += surplus
+
+
+def _retire_now(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    """Close an entry for good, without a replacement, in a greenlet of its own."""
+    pool._entries.discard(entry)
+    unwatch(entry, pool._watchers)
+    entry.loan = IN_POOL
+    entry.watching = NEVER
+    pool._retired += 1
+    pool._closing.add(entry)
+    pool._spawn("recycle", close_recycled, entry)
+
+
+def _retire_later(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    """Take a held entry out of the pool's size: it is closed for good when it comes back."""
+    pool._entries.discard(entry)
+    pool._retiring.add(entry)
+    entry.pool = Diverted(pool, functools.partial(_retire_returned, pool))
+
+
+def _retire_returned(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    pool._retiring.discard(entry)
+    _retire_now(pool, entry)
+
+
+def retire_new(pool: LifecyclePool[C], conn: C) -> bool:
+    """Whether a connection that just opened is closed at once, for a shrink; if so, close it."""
+    if not pool._to_retire:
+        return False
+    pool._to_retire -= 1
+    pool._connecting -= 1
+    _unneeded(pool, conn, in_background=True)  # switches
+    return True
+
+
+# -- draining ---------------------------------------------------------------------------------------
+
+
+def in_flight_limit(size: int) -> int:
+    """How many replacements a drain opens at once, and how many connections it may keep above ``size``."""
+    return max(1, size // 4)
+
+
+class Drain(Generic[C]):
+    """One call of drain(): the entries it replaces, and its replacements being opened."""
+
+    __slots__ = ("in_flight", "old")
+
+    def __init__(self, old: Set[Entry[C]]) -> None:
+        self.old = old
+        self.in_flight = 0
+
+
+def drain(pool: LifecyclePool[C]) -> None:
+    """Replace every connection open now, make-before-break, after a canary proves the new ones open.
+
+    The canary is opened in the caller's greenlet: if it fails, its error
+    propagates and nothing changed.  Then it takes the place of an old
+    connection, and background greenlets replace the others.
+    """
+    canary = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+    if canary is None:
+        raise TypeError("_new_connection() returned None")
+    if pool._closed:
+        _unneeded(pool, canary)  # switches
+        return
+    # Decided from here on, without a switch: a drain under way starts over from the current set.
+    for greenlet in [g for g in pool._greenlets if g.name.endswith(" drain")]:
+        pool._greenlets.discard(greenlet)  # so that it knows it is stopped (see _stopping())
+        greenlet.kill(block=False)
+    work = pool._drain = Drain({e for e in pool._entries if at_home(e, pool)})
+    swapped = _swap(pool, work, canary)
+    for _ in range(min(in_flight_limit(pool._size), len(work.old))):
+        pool._spawn("drain", drain_loop, work, pool._generation)
+    if not swapped:
+        _unneeded(pool, canary)  # switches
+
+
+def draining(pool: LifecyclePool[C]) -> bool:
+    """Whether a connection that the latest drain() replaces is still open: in the pool, retiring, or not
+    yet closed by the greenlet that closes it."""
+    work = pool._drain
+    return work is not None and bool(work.old & (pool._entries | pool._retiring | pool._closing))
+
+
+def _old(pool: LifecyclePool[C], work: Drain[C]) -> Optional[Entry[C]]:
+    """The old entry to replace next: an idle one (the least recently used), else a held one, else None."""
+    for entry in pool._idle:
+        if entry in work.old:
+            return entry
+    for entry in work.old:
+        if entry in pool._entries and at_home(entry, pool):
+            return entry
+    return None
+
+
+def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C) -> bool:
+    """Put the new ``conn`` in the place of an old entry (closed now if idle, when it comes back if held).
+
+    Nothing here switches: the counts never pass through a state that breaks the invariant.
+    """
+    old = _old(pool, work)
+    if old is None:
+        return False
+    if old in pool._idle:
+        pool._leave_idle(old)
+        _retire_now(pool, old)
+    else:
+        _retire_later(pool, old)
+    pool._connecting += 1  # _add() counts a connection that was opening
+    pool._add(conn)
+    return True
+
+
+def _unneeded(pool: LifecyclePool[C], conn: C, in_background: bool = False) -> None:
+    """Close a connection that a drain opened and found no use for: counted as opened and retired."""
+    pool._opened += 1
+    pool._retired += 1
+    pool._close_quietly(conn, in_background)  # switches
+
+
+def _to_replace(pool: LifecyclePool[C], work: Drain[C]) -> int:
+    return len([e for e in work.old if e in pool._entries and at_home(e, pool)])
+
+
+def drain_loop(pool_ref: Any, work: Drain[Any], generation: int) -> None:
+    """One of the drain's workers: open a replacement, swap it in, until no old connection is left.
+
+    Together they have at most ``in_flight_limit(size)`` replacements in
+    flight or old connections retiring, so that the pool never has more than
+    ``size + in_flight_limit(size)`` connections open.  A failed connect is
+    retried with the pool's reconnect backoff; only the pool's own stop, or a
+    new drain(), ends a worker sooner.
+    """
+    attempt = 0
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._closed or pool._generation != generation or pool._drain is not work:
+            return
+        if _to_replace(pool, work) <= work.in_flight:
+            return  # the other workers are opening the last replacements
+        if work.in_flight + len(pool._retiring) >= in_flight_limit(pool._size):
+            del pool
+            gevent.sleep(0.01)  # switches; old connections that are held are still to come back
+            continue
+        work.in_flight += 1
+        try:
+            conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+            if conn is None:
+                raise TypeError("_new_connection() returned None")
+        except BaseException as error:
+            work.in_flight -= 1
+            if pool._stopping():
+                raise
+            attempt += 1
+            logger.warning("pool %r: drain(): failed to open a replacement, retrying: %r", pool.name, error)
+            wait = pool._reconnect_wait(attempt)
+            del pool
+            gevent.sleep(wait)  # switches
+            continue
+        work.in_flight -= 1
+        attempt = 0
+        if pool._generation != generation:
+            return  # the process forked meanwhile: the connection is the parent's
+        if pool._closed or not _swap(pool, work, conn):
+            _unneeded(pool, conn, in_background=True)  # switches
+            return
