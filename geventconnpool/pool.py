@@ -27,6 +27,13 @@ hot path; there is one entry class per set of options (plain,
 ``leak_warning`` only, timed), so that each pool pays only for the
 bookkeeping its options need.
 
+Addresses.  A pool made with ``address=`` has an
+:class:`~geventconnpool._addresses.AddressBook` in ``_addresses`` (else
+None): the resolved addresses, the connects in flight to each, and each
+address's backoff.  Each of its entries remembers its ``address``, so the open
+connections per address are counted from ``_entries`` when a connect picks an
+address, and no path that drops an entry updates the book.
+
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
@@ -67,6 +74,7 @@ from typing import (
     Generic,
     List,
     Optional,
+    Sequence,
     Set,
     Tuple,
     Type,
@@ -80,6 +88,14 @@ from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
 
 from geventconnpool import _arguments
+from geventconnpool._addresses import (
+    Address,
+    AddressBook,
+    ConnectingToAddresses,
+    check_hooks,
+    resolve,
+    targets,
+)
 from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
@@ -168,6 +184,13 @@ class ConnectionPool(Generic[C]):
     :param watch_idle: while a connection is idle, the event loop watches its
         socket (see :meth:`_socket_of`), and the pool drops it as soon as the
         remote end closes it, before anyone can borrow it.
+    :param address: the remote end as a ``(host, port)`` pair, or a list of
+        them: the pool resolves each host (:meth:`_resolve`), spreads its
+        connections over every address found, routes around an address that
+        fails, and opens each connection with :meth:`_connect`, which must then
+        be overridden instead of :meth:`_new_connection`.
+    :param resolve_every: seconds; with ``address``, the pool resolves again
+        when it opens a connection and its last answer is older than that.
     :raises TypeError: an argument has the wrong type, or a hook the options
         need is not overridden.
     :raises ValueError: a number is out of range.
@@ -178,7 +201,7 @@ class ConnectionPool(Generic[C]):
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     .. versionchanged:: 1.1
-       Added ``watch_idle``, on by default.
+       Added ``watch_idle``, on by default, and ``address`` with ``resolve_every``.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -226,6 +249,8 @@ class ConnectionPool(Generic[C]):
         fail_fast: bool = False,
         name: Optional[str] = None,
         watch_idle: bool = True,
+        address: Union[Tuple[str, int], Sequence[Tuple[str, int]], None] = None,
+        resolve_every: float = 30.0,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
         self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
@@ -241,8 +266,11 @@ class ConnectionPool(Generic[C]):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
-        if cls._new_connection is ConnectionPool._new_connection:
-            raise TypeError(f"{cls.__name__} must override _new_connection() to open a connection")
+        self._resolve_every = _arguments.required_seconds(resolve_every, "resolve_every")
+        self._addresses = (
+            None if address is None else AddressBook(targets(address, "address"), self._resolve_every)
+        )
+        check_hooks(cls, ConnectionPool, address is not None)
         needs_check = [arg for arg in ("keepalive", "check_after") if getattr(self, arg) is not None]
         if needs_check and cls._keepalive is ConnectionPool._keepalive:
             raise TypeError(f"{cls.__name__} must override _keepalive() to use {needs_check[0]}=")
@@ -330,6 +358,32 @@ class ConnectionPool(Generic[C]):
            attempt too.
         """
         raise NotImplementedError
+
+    def _connect(self, address: Address) -> C:
+        """Open, initialise and return a new connection to ``address``; override it
+        instead of :meth:`_new_connection` in a pool made with ``address``.
+
+        ``address`` is an :class:`~geventconnpool.Address`: connect to
+        ``address.ip`` and ``address.port``, and use ``address.host`` where the
+        protocol names the server (TLS ``server_hostname``, an HTTP ``Host``).
+        It runs like :meth:`_new_connection`; a failure puts that address, not
+        the pool, in backoff, and the next attempt goes to another address.
+
+        .. versionadded:: 1.1
+        """
+        raise NotImplementedError
+
+    def _resolve(self, host: str, port: int) -> List[str]:
+        """Return the IP addresses of ``host`` for a pool made with ``address``, as strings.
+
+        The default asks gevent's resolver (``getaddrinfo``) for TCP, IPv4 and
+        IPv6, and drops repeats.  The pool calls it at most every
+        ``resolve_every`` seconds, under ``connect_timeout``; an exception, or
+        no address, keeps the last good answer.
+
+        .. versionadded:: 1.1
+        """
+        return resolve(host, port)
 
     def _keepalive(self, c: C) -> None:
         """Check that the idle connection ``c`` still works; override it to use
@@ -509,6 +563,19 @@ class ConnectionPool(Generic[C]):
                 unwatch(entry, self._watchers)
                 self._close_quietly(entry.conn)  # switches
 
+    def connections_by_address(self) -> Dict[Address, int]:
+        """Return the number of open connections to each address, for a pool made with ``address``.
+
+        Every address of the last resolution is there, with 0 when nothing is
+        open to it; so is an address that left it while connections to it are
+        still open.  A pool without ``address`` returns an empty dict.
+
+        .. versionadded:: 1.1
+        """
+        if self._addresses is None:
+            return {}
+        return self._addresses.by_address(e.address for e in self._entries)
+
     def stats(self) -> PoolStats:
         """Return a :class:`PoolStats` snapshot of the gauges and counters.
 
@@ -574,6 +641,14 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.1
         """
         return self._watch_idle
+
+    @property
+    def resolve_every(self) -> float:
+        """Seconds before the pool resolves its ``address`` again, when it needs an address; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._resolve_every
 
     @property
     def timeout(self) -> Optional[float]:
@@ -1000,14 +1075,16 @@ class ConnectionPool(Generic[C]):
         """
         return self._closed or gevent.getcurrent() not in self._greenlets
 
-    def _add(self, conn: C) -> None:
-        """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
+    def _add(self, conn: C, address: Optional[Address] = None) -> None:
+        """A slot finished connecting (to ``address``, with ``address=``): lend the new connection to the
+        first waiter, or keep it idle."""
         lifetime = (
             math.inf
             if self.max_lifetime is None
             else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
         entry = self._entry_class(conn, self, _now() + lifetime)
+        entry.address = address
         if self._watch_idle:
             sock = self._watchable_socket(conn)
             if sock is not None:
@@ -1102,6 +1179,8 @@ class ConnectionPool(Generic[C]):
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
+        if self._addresses is not None:
+            self._addresses.after_fork()
         self._connecting = self._size  # reopened by the child's first call
         self._idle_closures = {}
         self._closure_report = None
@@ -1190,6 +1269,8 @@ if TYPE_CHECKING:
 
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
-    ) -> Tuple[LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any]]:
+    ) -> Tuple[
+        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], ConnectingToAddresses
+    ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool
+        return pool, pool, pool, pool, pool
