@@ -20,6 +20,13 @@ ties at random.  A failed connect puts only that address in backoff; the
 connect loop (``_connecting.py``) then tries another one at once, and the
 pool is down only when every address is in backoff.
 
+The pool's *addresses* greenlet (:func:`rebalance_loop`) wakes every
+``rebalance_every`` seconds: it resolves if the answer is due, closes the
+idle connections to addresses that left the answer, and, when
+:func:`plan_move` says the spread is off by more than one, moves one idle
+connection: :func:`move_connection` opens its replacement first, while the
+old entry counts as in use, then swaps them (make before break).
+
 Nothing here runs for a pool without ``address``.
 """
 
@@ -27,10 +34,12 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections import Counter
 from typing import (
     Any,
     Callable,
+    Deque,
     Dict,
     Iterable,
     List,
@@ -43,10 +52,12 @@ from typing import (
     TypeVar,
 )
 
+import gevent
 from gevent import socket
 from gevent.event import Event
 
 from geventconnpool import _arguments
+from geventconnpool._lease import Entry
 from geventconnpool._outage import OutageLog
 
 C = TypeVar("C")
@@ -234,7 +245,7 @@ class AddressBook:
         address of each open connection.
         """
         candidates = self.current()
-        ready = [a for a in candidates if a not in self._backoffs or self._backoffs[a].until <= now]
+        ready = [a for a in candidates if not self.backing_off(a, now)]
         if not ready:
             ready = [min(candidates, key=lambda a: self._backoffs[a].until)]
         load: Counter[Optional[Address]] = Counter(open_ones)
@@ -277,9 +288,13 @@ class AddressBook:
         warning = backoff.outage.failed(error, now)
         return None if warning is None else f"{_named(address)}: {warning}"
 
+    def backing_off(self, address: Address, now: float) -> bool:
+        """Whether ``address`` is in backoff at ``now``."""
+        return address in self._backoffs and self._backoffs[address].until > now
+
     def all_backing_off(self, now: float) -> bool:
         """Whether every address is in backoff: the pool is down."""
-        return all(a in self._backoffs and self._backoffs[a].until > now for a in self.current())
+        return all(self.backing_off(a, now) for a in self.current())
 
     def after_fork(self) -> None:
         """In a child process: forget the connects and resolutions of the parent's greenlets."""
@@ -346,3 +361,147 @@ def check_hooks(cls: Any, base: Any, with_address: bool) -> None:
     if not with_address and not new_connection:
         hint = ": its _connect(address) needs address=" if connect else ""
         raise TypeError(f"{name} must override _new_connection() to open a connection{hint}")
+
+
+# -- rebalancing: the pool's "addresses" greenlet ------------------------------------------------------
+
+
+def plan_move(
+    load: Dict[Address, int], movable: Iterable[Address], ready: Iterable[Address]
+) -> Optional[Move]:
+    """Decide whether to move one connection, and from where to where.
+
+    ``load`` is the open and opening connections of each address; ``movable``
+    the addresses with an idle connection, ``ready`` those that may receive
+    one (resolved, not in backoff).  A connection moves from the most loaded
+    movable address to the least loaded ready one when they differ by more
+    than one: a move then narrows the spread.
+    """
+    sources = list(movable)
+    targets = list(ready)
+    if not sources or not targets:
+        return None
+    source = max(sources, key=lambda a: load.get(a, 0))
+    target = min(targets, key=lambda a: load.get(a, 0))
+    if load.get(source, 0) - load.get(target, 0) <= 1:
+        return None
+    return Move(source, target)
+
+
+class Move(NamedTuple):
+    """One connection to move: from the address ``source`` to the address ``target``."""
+
+    source: Address
+    target: Address
+
+
+class RebalancedPool(ConnectingToAddresses, Protocol[C]):
+    """What rebalancing uses of the pool: the private contract of its greenlets."""
+
+    @property
+    def rebalance_every(self) -> float: ...
+
+    _generation: int
+    _closed: bool
+    _addresses: Optional[AddressBook]
+    _idle: Deque[Entry[C]]
+    _entries: Set[Entry[C]]
+    _checking: Set[Entry[C]]
+
+    def _connect(self, address: Address) -> C: ...
+    def _leave_idle(self, entry: Entry[C]) -> None: ...
+    def _close_and_replace(
+        self, entry: Entry[C], in_background: bool = False, after_failures: int = 0
+    ) -> None: ...
+    def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
+    def _release(self, entry: Entry[C]) -> None: ...
+    def _stopping(self) -> bool: ...
+    def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None: ...
+
+
+def rebalance_loop(pool_ref: weakref.ref[RebalancedPool[Any]], generation: int) -> None:
+    """Keep the answer fresh and the spread even, for as long as the pool is open.
+
+    It wakes every ``rebalance_every`` seconds, up to a quarter more at random
+    (so that the workers of a fleet do not move together): at most one move
+    per period.
+    """
+    while True:
+        pool = pool_ref()
+        if pool is None or pool._generation != generation or pool._closed:
+            return
+        wait = pool.rebalance_every * random.uniform(1.0, 1.25)
+        del pool
+        gevent.sleep(wait)  # switches
+        pool = pool_ref()
+        if pool is None or pool._generation != generation or pool._closed:
+            return
+        try:
+            rebalance(pool)  # switches, when a resolution is due
+        except Exception:
+            logger.exception("pool %r: unexpected error while rebalancing", pool.name)
+        del pool
+
+
+def rebalance(pool: RebalancedPool[Any]) -> None:
+    """Resolve if due; retire the idle connections to addresses that left the answer; start one move."""
+    book = pool._addresses
+    assert book is not None
+    try:
+        book.refresh(pool, pool._loop.now())  # switches
+    except Exception:
+        return  # no answer yet: the connects say so
+    if pool._closed:
+        return
+    current = set(book.current())
+    for entry in [e for e in pool._idle if e.address not in current]:
+        logger.debug("pool %r: closing a connection to %s, which left the answer", pool.name, entry.address)
+        pool._leave_idle(entry)
+        pool._close_and_replace(entry, in_background=True)
+    now = pool._loop.now()
+    load: Counter[Address] = Counter(e.address for e in pool._entries if e.address is not None)
+    load.update(book.opening)
+    idle_on = {e.address for e in pool._idle}
+    ready = [a for a in book.current() if not book.backing_off(a, now)]
+    move = plan_move(load, (a for a in current if a in idle_on), ready)
+    if move is None:
+        return
+    entry = next(e for e in pool._idle if e.address == move.source)  # the least recently used
+    pool._leave_idle(entry)
+    pool._checking.add(entry)  # in use by background work, as during a keepalive check
+    book.opening[move.target] += 1
+    logger.debug(
+        "pool %r: moving a connection from %s to %s", pool.name, _named(move.source), _named(move.target)
+    )
+    pool._spawn("rebalance", move_connection, entry, move.target, pool._loop.now())
+
+
+def move_connection(
+    pool_ref: weakref.ref[RebalancedPool[Any]], entry: Entry[Any], target: Address, started: float
+) -> None:
+    """Open a connection to ``target``, then close ``entry``'s in its place: make before break.
+
+    Meanwhile the pool counts ``entry`` in use; if the connect fails, the
+    target backs off and ``entry`` goes back to the pool.
+    """
+    pool = pool_ref()
+    if pool is None:
+        return
+    book = pool._addresses
+    assert book is not None
+    conn, error = None, None
+    try:
+        conn = pool._bounded(pool.connect_timeout, "_connect()", pool._connect, target)  # switches
+    except BaseException as exc:
+        if pool._stopping():
+            raise  # close() closes the entry, which is still in _checking
+        error = exc
+    finally:
+        book.attempt_ended(target)
+    pool._checking.discard(entry)
+    if conn is None:
+        address_failed(pool, book, target, error or TypeError("_connect() returned None"), started)
+        pool._release(entry)
+        return
+    log_recovery(pool, book, target)
+    pool._take_over(entry, conn, target)  # switches

@@ -38,7 +38,10 @@ Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option is set, with the *keepalive*
-checks and the *recycle* closes it starts (``_maintenance.py``).
+checks and the *recycle* closes it starts (``_maintenance.py``); for a pool
+made with ``address=``, one *addresses* greenlet that keeps the resolution
+fresh and the spread even, with the *rebalance* moves it starts
+(``_addresses.py``).
 
 Threads.  A pool belongs to the gevent hub of the thread that made it; that
 thread holds ``_owner`` (a real lock) for the pool's life, and every entry
@@ -92,7 +95,9 @@ from geventconnpool._addresses import (
     Address,
     AddressBook,
     ConnectingToAddresses,
+    RebalancedPool,
     check_hooks,
+    rebalance_loop,
     resolve,
     targets,
 )
@@ -191,6 +196,9 @@ class ConnectionPool(Generic[C]):
         be overridden instead of :meth:`_new_connection`.
     :param resolve_every: seconds; with ``address``, the pool resolves again
         when it opens a connection and its last answer is older than that.
+    :param rebalance_every: seconds; with ``address``, the pool moves at most
+        one idle connection per period from the address with the most
+        connections to the one with the fewest, when they differ by more than one.
     :raises TypeError: an argument has the wrong type, or a hook the options
         need is not overridden.
     :raises ValueError: a number is out of range.
@@ -201,7 +209,8 @@ class ConnectionPool(Generic[C]):
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     .. versionchanged:: 1.1
-       Added ``watch_idle``, on by default, and ``address`` with ``resolve_every``.
+       Added ``watch_idle``, on by default, and ``address`` with ``resolve_every``
+       and ``rebalance_every``.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -251,6 +260,7 @@ class ConnectionPool(Generic[C]):
         watch_idle: bool = True,
         address: Union[Tuple[str, int], Sequence[Tuple[str, int]], None] = None,
         resolve_every: float = 30.0,
+        rebalance_every: float = 10.0,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
         self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
@@ -267,6 +277,7 @@ class ConnectionPool(Generic[C]):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
         self._resolve_every = _arguments.required_seconds(resolve_every, "resolve_every")
+        self._rebalance_every = _arguments.required_seconds(rebalance_every, "rebalance_every")
         self._addresses = (
             None if address is None else AddressBook(targets(address, "address"), self._resolve_every)
         )
@@ -649,6 +660,14 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.1
         """
         return self._resolve_every
+
+    @property
+    def rebalance_every(self) -> float:
+        """Seconds between two moves of a connection to even out the addresses, at least; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._rebalance_every
 
     @property
     def timeout(self) -> Optional[float]:
@@ -1097,6 +1116,15 @@ class ConnectionPool(Generic[C]):
         else:
             self._go_idle(entry)
 
+    def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None:
+        """Rebalancing opened ``conn`` to replace the held ``entry``: it takes the entry's slot at once,
+        and the entry is closed."""
+        self._entries.discard(entry)
+        unwatch(entry, self._watchers)
+        self._connecting += 1  # the slot the entry leaves, filled by _add at once
+        self._add(conn, address)
+        self._close_quietly(entry.conn, in_background=True)  # switches
+
     def _watchable_socket(self, conn: C) -> Any:
         """The socket of ``conn`` to watch while it is idle (see :meth:`_socket_of`), or None."""
         try:
@@ -1124,6 +1152,8 @@ class ConnectionPool(Generic[C]):
             self._open_slot()
         if self._maintained:
             self._spawn("maintenance", maintenance_loop, self._generation)
+        if self._addresses is not None:
+            self._spawn("addresses", rebalance_loop, self._generation)
 
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None:
         greenlet = gevent.spawn(loop, weakref.ref(self), *args)
@@ -1270,7 +1300,12 @@ if TYPE_CHECKING:
     def _keeps_its_contracts(
         pool: ConnectionPool[Any],
     ) -> Tuple[
-        LendingPool[Any], ConnectingPool[Any], MaintainedPool[Any], WatchingPool[Any], ConnectingToAddresses
+        LendingPool[Any],
+        ConnectingPool[Any],
+        MaintainedPool[Any],
+        WatchingPool[Any],
+        ConnectingToAddresses,
+        RebalancedPool[Any],
     ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool, pool
+        return pool, pool, pool, pool, pool, pool

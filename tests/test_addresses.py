@@ -12,13 +12,14 @@ import random
 import time
 from typing import Any, Iterator, List, Optional, Union
 
+import gevent
 import pytest
 from doubles import FastReconnect
 from gevent import socket
 from helpers import LineServer, raise_in_block, request, wait_until
 
 from geventconnpool import Address, ConnectionPool, PoolTimeout, PoolUnavailable
-from geventconnpool._addresses import AddressBook
+from geventconnpool._addresses import AddressBook, Move, plan_move
 
 IPS = [f"127.0.0.{n}" for n in range(2, 10)]
 NAME = "backend.test"
@@ -107,10 +108,10 @@ def test_a_bad_address_is_refused_at_once_naming_the_argument(address, error, me
     leak_check()
 
 
-@pytest.mark.parametrize("argument", ["resolve_every"])
+@pytest.mark.parametrize("argument", ["resolve_every", "rebalance_every"])
 @pytest.mark.parametrize(("value", "error"), [(0, ValueError), (None, TypeError), ("30", TypeError)])
 def test_bad_periods_are_refused_naming_the_argument(argument, value, error, leak_check):
-    """``resolve_every`` is a number of seconds > 0, checked at construction."""
+    """``resolve_every`` and ``rebalance_every`` are numbers of seconds > 0, checked at construction."""
     with pytest.raises(error, match=argument):
         AddressPool(1, 80, [], **{argument: value})
     leak_check()
@@ -407,4 +408,82 @@ def test_all_addresses_down_is_an_outage_as_today(servers, leak_check, pool_log)
         assert counts(pool) == [0, 3, 0]
         assert request(pool, b"PING") == b"PONG"
     servers[1].stop()  # its new listening socket is no leak
+    leak_check()
+
+
+# -- rebalancing ------------------------------------------------------------------------------------------
+
+
+def test_plan_move_narrows_the_spread_only_when_it_is_off_by_more_than_one():
+    """A move goes from the most loaded address with an idle connection to the least loaded ready one, and
+    only when they differ by more than one."""
+    a, b, c, d = (Address(NAME, 80, ip) for ip in IPS[:4])
+    assert plan_move({a: 3, b: 3, c: 0}, [a, b, c], [a, b, c]) in (Move(a, c), Move(b, c))
+    assert plan_move({a: 4, b: 2}, [a, b], [a, b]) == Move(a, b)
+    assert plan_move({a: 2, b: 2, c: 1}, [a, b, c], [a, b, c]) is None  # within one already
+    assert plan_move({a: 1, b: 1, c: 1, d: 0}, [a, b, c], [a, b, c, d]) is None  # a move only shifts the gap
+    assert plan_move({a: 3, b: 3, c: 0}, [a, b], [a, b]) is None  # c is in backoff: not ready
+    assert plan_move({a: 3, b: 1, c: 0}, [b], [a, b, c]) is None  # a's connections are all in use
+    assert plan_move({a: 3, c: 0}, [], [c]) is None
+
+
+def test_a_new_address_gets_its_share_one_move_per_period_with_no_caller_error(servers, leak_check, pool_log):
+    """When the name starts resolving to a third address, idle connections move to it, at most one per
+    ``rebalance_every``, each replacement open before the old one closes, while callers see no error."""
+    port = servers[0].port
+    with FastAddressPool(6, port, IPS[:2], resolve_every=0.05, rebalance_every=0.1) as pool:
+        pool.wait(timeout=5)
+        assert counts(pool) == [3, 3]
+        errors: List[BaseException] = []
+        connecting: List[int] = []
+        done = False
+
+        def caller() -> None:
+            for _ in range(5000):
+                if done:
+                    return
+                try:
+                    assert request(pool, b"PING") == b"PONG"
+                except Exception as error:
+                    errors.append(error)
+                connecting.append(pool.stats().connecting)
+                gevent.sleep(0.001)
+
+        callers = [gevent.spawn(caller) for _ in range(3)]
+        pool.answer = IPS[:3]
+        wait_until(lambda: counts(pool) == [2, 2, 2], timeout=10, message=lambda: str(counts(pool)))
+        done = True
+        gevent.joinall(callers, timeout=5)
+        assert errors == []
+        assert set(connecting) == {0}  # each move opens its new connection while the old one counts in use
+        debug = pool_log.records(logging.DEBUG)
+        moves = [r.created for r in debug if "moving a connection" in r.getMessage()]
+        assert len(moves) == 2
+        assert moves[1] - moves[0] >= 0.1 * 0.9  # at most one per period (with a margin for the clocks)
+        assert pool.stats().failed_connects == 0
+        assert pool_log.messages(logging.WARNING) == []
+    leak_check()
+
+
+def test_connections_to_an_address_that_left_the_answer_retire_when_idle(servers, leak_check):
+    """Once the name stops resolving to an address, its idle connections are closed and replaced on the
+    others; one held by a caller is left alone until it comes back."""
+    port = servers[0].port
+    with FastAddressPool(4, port, IPS[:2], resolve_every=0.05, rebalance_every=0.05) as pool:
+        pool.wait(timeout=5)
+        assert counts(pool) == [2, 2]
+        leases = [pool.get() for _ in range(4)]
+        conns = [lease.__enter__() for lease in leases]
+        held = next(i for i, c in enumerate(conns) if c.getpeername()[0] == IPS[1])
+        for i, lease in enumerate(leases):
+            if i != held:
+                lease.__exit__(None, None, None)
+        pool.answer = IPS[:1]
+        wait_until(lambda: counts(pool) == [3, 1], message=lambda: str(counts(pool)))
+        assert servers[1].closed >= 1
+        leases[held].__exit__(None, None, None)
+        wait_until(lambda: counts(pool) == [4], message=lambda: str(counts(pool)))
+        assert list(pool.connections_by_address()) == [Address(NAME, port, IPS[0])]
+        for _ in range(4):
+            assert request(pool, b"PING") == b"PONG"
     leak_check()
