@@ -24,8 +24,8 @@ The pool's *addresses* greenlet (:func:`rebalance_loop`) wakes every
 ``rebalance_every`` seconds: it resolves if the answer is due, closes the
 idle connections to addresses that left the answer, and, when
 :func:`plan_move` says the spread is off by more than one, moves one idle
-connection: :func:`move_connection` opens its replacement first, while the
-old entry counts as in use, then swaps them (make before break).
+connection: :func:`move_connection` opens the new connection first, while
+the old one stays in the pool, then swaps them (make before break).
 
 Nothing here runs for a pool without ``address``.
 """
@@ -406,7 +406,8 @@ class RebalancedPool(ConnectingToAddresses, Protocol[C]):
     _addresses: Optional[AddressBook]
     _idle: Deque[Entry[C]]
     _entries: Set[Entry[C]]
-    _checking: Set[Entry[C]]
+    _opened: int  # the stats' counters
+    _recycled: int
 
     def _connect(self, address: Address) -> C: ...
     def _leave_idle(self, entry: Entry[C]) -> None: ...
@@ -414,8 +415,8 @@ class RebalancedPool(ConnectingToAddresses, Protocol[C]):
         self, entry: Entry[C], in_background: bool = False, after_failures: int = 0
     ) -> None: ...
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
-    def _release(self, entry: Entry[C]) -> None: ...
     def _stopping(self) -> bool: ...
+    def _close_quietly(self, conn: C, in_background: bool = False) -> None: ...
     def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None: ...
 
 
@@ -456,6 +457,7 @@ def rebalance(pool: RebalancedPool[Any]) -> None:
     current = set(book.current())
     for entry in [e for e in pool._idle if e.address not in current]:
         logger.debug("pool %r: closing a connection to %s, which left the answer", pool.name, entry.address)
+        pool._recycled += 1
         pool._leave_idle(entry)
         pool._close_and_replace(entry, in_background=True)
     now = pool._loop.now()
@@ -466,23 +468,21 @@ def rebalance(pool: RebalancedPool[Any]) -> None:
     move = plan_move(load, (a for a in current if a in idle_on), ready)
     if move is None:
         return
-    entry = next(e for e in pool._idle if e.address == move.source)  # the least recently used
-    pool._leave_idle(entry)
-    pool._checking.add(entry)  # in use by background work, as during a keepalive check
     book.opening[move.target] += 1
     logger.debug(
         "pool %r: moving a connection from %s to %s", pool.name, _named(move.source), _named(move.target)
     )
-    pool._spawn("rebalance", move_connection, entry, move.target, pool._loop.now())
+    pool._spawn("rebalance", move_connection, move, pool._loop.now())
 
 
-def move_connection(
-    pool_ref: weakref.ref[RebalancedPool[Any]], entry: Entry[Any], target: Address, started: float
-) -> None:
-    """Open a connection to ``target``, then close ``entry``'s in its place: make before break.
+def move_connection(pool_ref: weakref.ref[RebalancedPool[Any]], move: Move, started: float) -> None:
+    """Open a connection to ``move.target``, then close an idle one to ``move.source`` in its place.
 
-    Meanwhile the pool counts ``entry`` in use; if the connect fails, the
-    target backs off and ``entry`` goes back to the pool.
+    Make before break: the connection to replace stays in the pool, lent as
+    usual, until the new one is open; the new one is in no count of the pool
+    until then (but in the target's opening connections).  If the connect
+    fails, the target backs off and the pool is as it was; if nothing to
+    ``move.source`` is idle any more, the new connection is closed.
     """
     pool = pool_ref()
     if pool is None:
@@ -491,17 +491,23 @@ def move_connection(
     assert book is not None
     conn, error = None, None
     try:
-        conn = pool._bounded(pool.connect_timeout, "_connect()", pool._connect, target)  # switches
+        conn = pool._bounded(pool.connect_timeout, "_connect()", pool._connect, move.target)  # switches
     except BaseException as exc:
         if pool._stopping():
-            raise  # close() closes the entry, which is still in _checking
+            raise
         error = exc
     finally:
-        book.attempt_ended(target)
-    pool._checking.discard(entry)
+        book.attempt_ended(move.target)
     if conn is None:
-        address_failed(pool, book, target, error or TypeError("_connect() returned None"), started)
-        pool._release(entry)
+        address_failed(pool, book, move.target, error or TypeError("_connect() returned None"), started)
         return
-    log_recovery(pool, book, target)
-    pool._take_over(entry, conn, target)  # switches
+    log_recovery(pool, book, move.target)
+    entry = next((e for e in pool._idle if e.address == move.source), None)  # the least recently used
+    if entry is None or pool._closed:
+        logger.debug("pool %r: nothing idle to move from %s any more", pool.name, _named(move.source))
+        pool._opened += 1  # and closed at once, on the pool's own schedule: the counters stay true
+        pool._recycled += 1
+        pool._close_quietly(conn, in_background=True)  # switches
+        return
+    pool._leave_idle(entry)
+    pool._take_over(entry, conn, move.target)  # switches

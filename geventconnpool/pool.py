@@ -1119,6 +1119,7 @@ class ConnectionPool(Generic[C]):
     def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None:
         """Rebalancing opened ``conn`` to replace the held ``entry``: it takes the entry's slot at once,
         and the entry is closed."""
+        self._recycled += 1
         self._entries.discard(entry)
         unwatch(entry, self._watchers)
         self._connecting += 1  # the slot the entry leaves, filled by _add at once

@@ -455,10 +455,11 @@ def test_a_new_address_gets_its_share_one_move_per_period_with_no_caller_error(s
         done = True
         gevent.joinall(callers, timeout=5)
         assert errors == []
-        assert set(connecting) == {0}  # each move opens its new connection while the old one counts in use
+        assert set(connecting) == {0}  # the old connection leaves the pool only once the new one is in it
         debug = pool_log.records(logging.DEBUG)
         moves = [r.created for r in debug if "moving a connection" in r.getMessage()]
         assert len(moves) == 2
+        assert pool.stats().recycled == 2  # a move closes the old connection on the pool's own schedule
         assert moves[1] - moves[0] >= 0.1 * 0.9  # at most one per period (with a margin for the clocks)
         assert pool.stats().failed_connects == 0
         assert pool_log.messages(logging.WARNING) == []
@@ -484,6 +485,7 @@ def test_connections_to_an_address_that_left_the_answer_retire_when_idle(servers
         leases[held].__exit__(None, None, None)
         wait_until(lambda: counts(pool) == [4], message=lambda: str(counts(pool)))
         assert list(pool.connections_by_address()) == [Address(NAME, port, IPS[0])]
+        assert pool.stats().recycled == 2
         for _ in range(4):
             assert request(pool, b"PING") == b"PONG"
     leak_check()
