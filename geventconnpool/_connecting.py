@@ -153,12 +153,12 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
     next_wait = slot.next_wait if slot.next_wait is not None else pool._reconnect_wait(slot.attempt)
     slot.next_wait, slot.sleeps_until = next_wait, None
     error: BaseException = TypeError("_new_connection() returned None")
-    book, address, started = pool._addresses, None, pool._loop.now()
+    book, address, started = pool._addresses, None, 0.0
     try:
         if book is None:
             conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
         else:
-            error = TypeError("_connect() returned None")
+            error, started = TypeError("_connect() returned None"), pool._loop.now()
             book.refresh(pool, started)  # switches, when a resolution is due
             address = book.choose([e.address for e in pool._entries], pool._loop.now())
             try:
