@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from geventconnpool import Address, ConnectionPool, PoolClosed
+from geventconnpool import Address, ConnectionPool, PoolClosed, _lifecycle
 
 KEEPALIVE = 0.02
 
@@ -62,6 +62,16 @@ class Holder:
         return f"<holder {self.n} {self.state} {self.conn!r} {self.outcome}>"
 
 
+def pick(data: st.DataObject, choices: List[Holder]) -> Holder:
+    """One of ``choices``, drawn the same way whatever their number.
+
+    On a loaded machine, which holders already hold a connection after a step
+    can differ between two runs of one case (the invariants hold either way);
+    a ``sampled_from`` over them would then abort the run as a flaky strategy.
+    """
+    return choices[data.draw(st.integers(min_value=0, max_value=5)) % len(choices)]
+
+
 class PoolMachine(RuleBasedStateMachine):
     """The pool against the model, one random step at a time."""
 
@@ -81,6 +91,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.closed_under_holders = False  # close(timeout) closed connections still held
 
     # -- set-up and the holders ---------------------------------------------------------------
+
+    up_is_exact = True  # remote.up says exactly whether a connect can succeed
 
     @initialize(size=st.integers(min_value=1, max_value=4))
     def make_pool(self, size: int) -> None:
@@ -171,10 +183,26 @@ class PoolMachine(RuleBasedStateMachine):
             return False
         if [c for c in self._idle_conns() if c.broken] or self.pool._checking:
             return False  # (a check of a connection that a shrink or a drain retires is in no gauge)
+        if not self._drain_at_rest():
+            return False
         closed = len([c for c in self.remote.conns if c.closed])
         if not self.closed and closed != s.discarded + s.retired + s.recycled:
             return False  # a retired or moved connection is closed in the background
         return self.closed or not self.remote.up or s.connecting == 0
+
+    def _drain_at_rest(self) -> bool:
+        """Whether a drain under way can do nothing more until a holder gives back an old connection: none
+        of its replacements is opening, and it replaced every old one or waits for retiring ones to come
+        back (or for the remote to come back up)."""
+        assert self.pool is not None
+        work = self.pool._drain
+        if work is None or self.closed:
+            return True
+        if work.in_flight:
+            return False
+        if not self.remote.up or not _lifecycle._to_replace(self.pool, work):
+            return True
+        return len(self.pool._retiring) >= _lifecycle.in_flight_limit(self.pool.size)
 
     # -- rules ----------------------------------------------------------------------------------
 
@@ -202,7 +230,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert holder.outcome == "closed"
 
     def _release(self, data: st.DataObject, command: str) -> None:
-        holder = data.draw(st.sampled_from(self._by_state("holding")))
+        holder = pick(data, self._by_state("holding"))
         if command in ("error", "timeout", "discard"):
             self._expect_discard(holder)
         holder.command.set(command)
@@ -254,7 +282,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert not self.remote.up
             assert self.pool.stats() == before
         else:
-            assert self.remote.up
+            assert self.remote.up or not self.up_is_exact
         self._settle()
 
     @precondition(lambda self: not self.closed)
@@ -300,7 +328,7 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def kill(self, data: st.DataObject) -> None:
         """A holder or a waiter is killed with Greenlet.kill()."""
-        holder = data.draw(st.sampled_from(self._by_state("holding") + self._by_state("waiting")))
+        holder = pick(data, self._by_state("holding") + self._by_state("waiting"))
         if holder.state == "holding":
             self._expect_discard(holder)
         assert holder.greenlet is not None
@@ -503,6 +531,10 @@ class FakeAddressPool(FakePool):
 
 class AddressMachine(PoolMachine):
     """The pool with ``address=`` against the same model, while its name's answer and servers change."""
+
+    # A canary may reach a server the pool has not yet seen leave the answer: drain() can succeed while
+    # no server of the current answer is up.
+    up_is_exact = False
 
     def __init__(self) -> None:
         super().__init__()
