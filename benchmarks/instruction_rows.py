@@ -79,6 +79,7 @@ BARE_QUEUE = "bare Queue get+put"
 CONTENDED_DEFAULT = f"{LIB} timeout=30 (default)"
 SLEEP_ALONE = "sleep(0) alone"
 WATCH_IDLE = f"{LIB} watch_idle on"
+ADDRESS_ON = f"{LIB} address= (one IP)"
 OTEL_ON = f"{LIB} otel exporter on"
 PROMETHEUS_ON = f"{LIB} prometheus exporter on"
 #: What each exporter of a row needs: its module here, and the package that records.
@@ -97,6 +98,7 @@ def rows() -> List[Row]:
     checkout += [Row("checkout", f"{LIB} {label}", "pool", dict(kw)) for label, kw in FEATURES]
     checkout += [
         Row("checkout", WATCH_IDLE, "pool", {"watch_idle": True}),
+        Row("checkout", ADDRESS_ON, "pool", {"address": ("backend.test", 80)}),
         Row("checkout", OTEL_ON, "pool", exporter="otel"),
         Row("checkout", f"{LIB} otel use_time on", "pool", exporter="otel use_time"),
         Row("checkout", PROMETHEUS_ON, "pool", exporter="prometheus"),
@@ -324,7 +326,17 @@ def make_pool(row: Row, connect: Callable[[], Any]) -> Any:
         def _keepalive(self, c: Any) -> None:
             pass  # never due within a measurement: keepalive and check_after are 60 s
 
-    pool = SocketPairPool(SIZE, **pool_options(row))
+    class AddressedSocketPairPool(ConnectionPool[Any]):
+        """The same, made with address=: its name resolves to one IP, and _connect opens the pair."""
+
+        def _resolve(self, host: str, port: int) -> List[str]:
+            return ["127.0.0.1"]
+
+        def _connect(self, address: Any) -> Any:
+            return connect()
+
+    cls = AddressedSocketPairPool if "address" in row.options else SocketPairPool
+    pool = cls(SIZE, **pool_options(row))
     pool.wait(10)
     instrument(row, pool)
     return pool
