@@ -4,9 +4,10 @@ outages, keepalive ticks, resizes, drains and close (with or without a timeout).
 Hypothesis drives a pool of scripted in-memory connections (the pool treats
 connections as black boxes) through random steps, and after every step checks
 the pool against a simple model of what it must hold: holders never share a
-connection, nothing held or idle is closed, the gauges sum to ``size`` while
-the pool is open, the counters agree with the connections made and closed,
-waiters are served first come first served, and a closed pool lends nothing.
+connection, nothing held or idle is closed, the gauges sum to between
+``min_size`` and ``size`` while the pool is open (``size`` for a fixed pool),
+the counters agree with the connections made and closed, waiters are served
+first come first served, and a closed pool lends nothing.
 """
 
 from __future__ import annotations
@@ -75,15 +76,23 @@ class PoolMachine(RuleBasedStateMachine):
         # Broken connections given back while a drain may swap them out first: discarded, or retired.
         self.discards_or_retired = 0
         self.closed = False
+        self.min_size: Optional[int] = None  # as given to the pool: None follows its size
         self.served_at_close = 0
         self.closed_under_holders = False  # close(timeout) closed connections still held
 
     # -- set-up and the holders ---------------------------------------------------------------
 
-    @initialize(size=st.integers(min_value=1, max_value=4))
-    def make_pool(self, size: int) -> None:
+    @initialize(size=st.integers(min_value=1, max_value=4), min_size=st.none() | st.integers(1, 4))
+    def make_pool(self, size: int, min_size: Optional[int]) -> None:
+        """A fixed pool, or one with a min_size (elastic below size: it grows for waiting callers)."""
+        self.min_size = None if min_size is None else min(min_size, size)
         self.pool = FakePool(
-            size, factory=self.remote.connect, keepalive=KEEPALIVE, timeout=None, name="model"
+            size,
+            factory=self.remote.connect,
+            keepalive=KEEPALIVE,
+            timeout=None,
+            name="model",
+            min_size=self.min_size,
         )
         self.pool.wait(timeout=5)
 
@@ -231,8 +240,15 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(size=st.integers(min_value=1, max_value=5))
     def resize(self, size: int) -> None:
-        """The pool is resized: idle connections go first, held ones when they come back."""
+        """The pool is resized: idle connections go first, held ones when they come back; an elastic pool
+        refuses a size below its min_size, and changes nothing."""
         assert self.pool is not None
+        before = self.pool.stats()
+        if self.min_size is not None and size < self.min_size:
+            with pytest.raises(ValueError, match="min_size"):
+                self.pool.resize(size)
+            assert self.pool.stats() == before
+            return
         self.pool.resize(size)
         assert self.pool.stats().size == size
         self._settle()
@@ -388,7 +404,10 @@ class PoolMachine(RuleBasedStateMachine):
         if self.closed:
             assert (s.idle, s.connecting) == (0, 0)
             return
-        assert s.idle + s.in_use + s.connecting == s.size
+        assert s.min_size is not None
+        assert s.min_size <= s.idle + s.in_use + s.connecting <= s.size
+        if s.min_size == s.size:
+            assert s.idle + s.in_use + s.connecting == s.size
         assert s.idle == len(self._idle_conns())
         assert s.opened - s.discarded - s.recycled - s.retired == s.idle + holding
         assert self.discards <= s.discarded - s.keepalive_failures <= self.discards + self.discards_or_retired
