@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from geventconnpool import PoolClosed
+from geventconnpool._lifecycle import _to_replace, in_flight_limit
 
 KEEPALIVE = 0.02
 
@@ -59,6 +60,16 @@ class Holder:
 
     def __repr__(self) -> str:
         return f"<holder {self.n} {self.state} {self.conn!r} {self.outcome}>"
+
+
+def drain_can_go_on(pool: FakePool) -> bool:
+    """Whether a drain has an old connection left to replace, and room to (not all taken by held ones)."""
+    work = pool._drain
+    return (
+        work is not None
+        and _to_replace(pool, work) > work.in_flight
+        and work.in_flight + len(pool._retiring) < in_flight_limit(pool.size)
+    )
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -177,6 +188,8 @@ class PoolMachine(RuleBasedStateMachine):
                 return False
             if not self.closed and len([c for c in self.remote.conns if c.closed]) != s.discarded + s.retired:
                 return False  # a retired connection is closed in the background
+            if not self.closed and self.remote.up and drain_can_go_on(pool):
+                return False  # a drain worker polls for held old connections: it replaces the next soon
             return self.closed or not self.remote.up or s.connecting == 0
 
         wait_until(quiet, timeout=5, message=lambda: repr((pool, self.holders)))
