@@ -5,6 +5,7 @@ connections with ``with pool.get() as c:``; wrap operations in :func:`retry` to
 run them again on a fresh connection when the network fails.
 """
 
+from geventconnpool._addresses import Address
 from geventconnpool._version import __version__
 from geventconnpool.errors import PoolClosed, PoolError, PoolOverloaded, PoolTimeout, PoolUnavailable
 from geventconnpool.pool import ConnectionPool, PoolStats
@@ -12,6 +13,7 @@ from geventconnpool.retry import retry
 from geventconnpool.tcp_keepalive import enable_tcp_keepalive
 
 __all__ = [
+    "Address",
     "ConnectionPool",
     "PoolClosed",
     "PoolError",

@@ -25,6 +25,13 @@ def seconds(value: object, argument: str, *, optional: bool = True, zero: bool =
     return float(value)
 
 
+def required_seconds(value: object, argument: str) -> float:
+    """Return a duration that may not be None: a number > 0, as a float."""
+    duration = seconds(value, argument, optional=False)
+    assert duration is not None
+    return duration
+
+
 def number(value: object, argument: str, *, minimum: float, maximum: float = math.inf) -> float:
     """Return a real number between ``minimum`` and ``maximum``, as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

@@ -10,6 +10,12 @@ Only the pool's own stop ends a slot sooner: :meth:`close`, a fork, or the
 pool being garbage collected, which is why the loop holds the pool by weak
 reference and drops it before each wait.
 
+In a pool made with ``address=`` an attempt resolves the name when the last
+answer is too old, picks an address (see ``_addresses.py``) and calls
+``_connect(address)``.  A failure backs off that address only, and the slot
+tries another address at once; only when every address is backing off is it
+a failed attempt of the pool, as above.
+
 Each slot's :class:`Slot` says when it tries next; :func:`retry_after` turns
 that into the ``retry_after`` of the errors a caller meets during an outage.
 """
@@ -20,12 +26,13 @@ import logging
 import math
 import time
 import weakref
-from typing import Any, Callable, Collection, Deque, Optional, Protocol, Set, Tuple, TypeVar
+from typing import Any, Callable, Collection, Deque, List, Optional, Protocol, Set, Tuple, TypeVar
 
 import gevent
 from gevent.event import Event
 
-from geventconnpool._lease import Waiter
+from geventconnpool._addresses import Address, AddressBook, address_failed, log_recovery
+from geventconnpool._lease import Entry, Waiter
 from geventconnpool._observing import Observer, tell
 from geventconnpool._outage import OutageLog
 from geventconnpool.errors import PoolUnavailable
@@ -74,13 +81,17 @@ class ConnectingPool(Protocol[C]):
     _waiters: Deque[Waiter]
     _loop: Any  # the hub's event loop
     _observers: Tuple[Observer, ...]
+    _addresses: Optional[AddressBook]  # for a pool made with address=, else None
+    _entries: Set[Entry[C]]
 
     def _new_connection(self) -> C: ...
+    def _connect(self, address: Address) -> C: ...
+    def _resolve(self, host: str, port: int) -> List[str]: ...
     def _reconnect_wait(self, attempt: int) -> float: ...
     def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any: ...
     def _stopping(self) -> bool: ...
     def _close_quietly(self, conn: C, in_background: bool = False) -> None: ...
-    def _add(self, conn: C) -> None: ...
+    def _add(self, conn: C, address: Optional[Address] = None) -> None: ...
     def _unavailable(self) -> bool: ...
     def _unavailable_error(self) -> PoolUnavailable: ...
     def _hand_over(self, result: Any) -> None: ...
@@ -125,6 +136,8 @@ def connect_loop(
             return
         reconnected = pool._reconnected
         del pool
+        if not wait:
+            continue  # a connect failed, and another address is tried at once
         try:
             reconnected.wait(wait)  # switches; another slot connecting again ends the backoff
         except BaseException:
@@ -143,9 +156,19 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
     next_wait = slot.next_wait if slot.next_wait is not None else pool._reconnect_wait(slot.attempt)
     slot.next_wait, slot.sleeps_until = next_wait, None
     error: BaseException = TypeError("_new_connection() returned None")
-    started = time.monotonic()
+    book, address, tried_at = pool._addresses, None, 0.0
+    started = time.monotonic()  # for the observers' create_time
     try:
-        conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+        if book is None:
+            conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
+        else:
+            error, tried_at = TypeError("_connect() returned None"), pool._loop.now()
+            book.refresh(pool, tried_at)  # switches, when a resolution is due
+            address = book.choose([e.address for e in pool._entries], pool._loop.now())
+            try:
+                conn = pool._bounded(pool.connect_timeout, "_connect()", pool._connect, address)  # switches
+            finally:
+                book.attempt_ended(address)
     except BaseException as exc:  # whatever it is, the attempt failed, unless the pool stops us
         if pool._stopping():
             raise
@@ -157,9 +180,11 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
             pool._close_quietly(conn)  # switches
         return None
     if conn is not None:
-        pool._add(conn)
+        pool._add(conn, address)
         if pool._observers:
             tell(pool, "connected", time.monotonic() - started)
+        if book is not None and address is not None:
+            log_recovery(pool, book, address)
         recovered = pool._outage.succeeded(pool._loop.now())
         if recovered is not None:
             logger.info("pool %r: %s", pool.name, recovered)
@@ -168,6 +193,9 @@ def connect_once(pool: ConnectingPool[C], slot: Slot, generation: int) -> Option
             pool._reconnected = Event()
         return None
     pool._failed_connects += 1
+    if book is not None and address is not None and not address_failed(pool, book, address, error, tried_at):
+        slot.attempt -= 1  # another address is tried at once: no failure of the slot's
+        return 0.0
     pool._last_error = error
     # The slot sleeps next_wait on the loop's clock, from this very tick.
     slot.sleeps_until = pool._loop.now() + next_wait

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from types import FrameType, TracebackType
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
@@ -28,6 +29,9 @@ from typing import (
 )
 
 from greenlet import greenlet as RawGreenlet
+
+if TYPE_CHECKING:
+    from geventconnpool._addresses import Address
 
 from geventconnpool.errors import PoolError
 
@@ -125,6 +129,7 @@ class Entry(Generic[C]):
 
     __slots__ = (
         "__weakref__",
+        "address",
         "checked_at",
         "conn",
         "expires_at",
@@ -147,6 +152,7 @@ class Entry(Generic[C]):
     def __init__(self, conn: C, pool: LendingPool[C], expires_at: float) -> None:
         self.conn = conn
         self.pool = pool
+        self.address: Optional[Address] = None  # where it is connected, in a pool made with address=
         self.expires_at = expires_at
         self.opened_at = self.idle_since = _now()
         self.checked_at = -math.inf  # when a check last found it working (keepalive, check_after)

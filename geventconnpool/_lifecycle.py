@@ -23,6 +23,7 @@ from typing import Any, Callable, Deque, Dict, Generic, List, Optional, Protocol
 import gevent
 
 from geventconnpool import _arguments
+from geventconnpool._addresses import Address
 from geventconnpool._lease import ENTERED, ORPHANAGE, ClosingIdle, Entry, Waiter
 from geventconnpool._maintenance import retire_now
 from geventconnpool._watching import unwatch
@@ -80,7 +81,8 @@ class LifecyclePool(Protocol[C]):
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
     def _new_connection(self) -> C: ...
     def _bounded(self, seconds: Optional[float], what: str, hook: Callable[..., Any], *args: Any) -> Any: ...
-    def _add(self, conn: C) -> None: ...
+    def _add(self, conn: C, address: Optional[Address] = None) -> None: ...
+    def _open_one(self) -> Tuple[C, Optional[Address]]: ...
     def _reconnect_wait(self, attempt: int) -> float: ...
     def _stopping(self) -> bool: ...
 
@@ -344,9 +346,7 @@ def drain(pool: LifecyclePool[C]) -> None:
     propagates and nothing changed.  Then it takes the place of an old
     connection, and background greenlets replace the others.
     """
-    canary = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
-    if canary is None:
-        raise TypeError("_new_connection() returned None")
+    canary, address = pool._open_one()  # switches
     if pool._closed:
         _unneeded(pool, canary)  # switches
         return
@@ -355,7 +355,7 @@ def drain(pool: LifecyclePool[C]) -> None:
         pool._greenlets.discard(greenlet)  # so that it knows it is stopped (see _stopping())
         greenlet.kill(block=False)
     work = pool._drain = Drain({e for e in pool._entries if at_home(e, pool)})
-    swapped = _swap(pool, work, canary)
+    swapped = _swap(pool, work, canary, address)
     for _ in range(min(in_flight_limit(pool._size), len(work.old))):
         pool._spawn("drain", drain_loop, work, pool._generation)
     if not swapped:
@@ -380,7 +380,7 @@ def _old(pool: LifecyclePool[C], work: Drain[C]) -> Optional[Entry[C]]:
     return None
 
 
-def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C) -> bool:
+def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C, address: Optional[Address]) -> bool:
     """Put the new ``conn`` in the place of an old entry (closed now if idle, when it comes back if held).
 
     Nothing here switches: the counts never pass through a state that breaks the invariant.
@@ -394,7 +394,7 @@ def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C) -> bool:
     else:
         _retire_later(pool, old)
     pool._connecting += 1  # _add() counts a connection that was opening
-    pool._add(conn)
+    pool._add(conn, address)
     return True
 
 
@@ -431,9 +431,7 @@ def drain_loop(pool_ref: Any, work: Drain[Any], generation: int) -> None:
             continue
         work.in_flight += 1
         try:
-            conn = pool._bounded(pool.connect_timeout, "_new_connection()", pool._new_connection)  # switches
-            if conn is None:
-                raise TypeError("_new_connection() returned None")
+            conn, address = pool._open_one()  # switches
         except BaseException as error:
             work.in_flight -= 1
             if pool._stopping():
@@ -448,6 +446,6 @@ def drain_loop(pool_ref: Any, work: Drain[Any], generation: int) -> None:
         attempt = 0
         if pool._generation != generation:
             return  # the process forked meanwhile: the connection is the parent's
-        if pool._closed or not _swap(pool, work, conn):
+        if pool._closed or not _swap(pool, work, conn, address):
             _unneeded(pool, conn, in_background=True)  # switches
             return

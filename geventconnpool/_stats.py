@@ -38,7 +38,8 @@ class PoolStats:
     """Connections closed because they broke: in a caller's block, in a check, or by data nobody asked for
     arriving while idle."""
     recycled: int
-    """Connections closed because they reached ``max_lifetime``."""
+    """Connections closed because they reached ``max_lifetime``; with ``address``, also those moved to
+    another address, and those closed because their address left the resolution."""
     keepalive_failures: int
     """Checks (``keepalive`` or ``check_after``) that found a connection broken; each is also discarded."""
     timeouts: int

@@ -28,9 +28,10 @@ nothing), the fork hooks (everything -> ``min_size`` connecting),
 :meth:`resize` (``_lifecycle.py``: +n connecting up to ``min_size``; or
 idle -> closed, connecting -> ``_to_retire``, in use -> ``_retiring``, down
 to the new size) and :meth:`drain`'s swap (a new connection in, an old one
-idle -> closed or in use -> ``_retiring``, without a switch between) change
-those counts; lending and giving back only move an entry in or out of
-``_idle``.  ``_retiring`` holds the entries a shrink or a drain took out of
+idle -> closed or in use -> ``_retiring``, without a switch between), like
+rebalancing's ``_take_over`` (``_addresses.py``), change those counts;
+lending and giving back only move an entry in or out of ``_idle``.
+``_retiring`` holds the entries a shrink or a drain took out of
 ``_entries`` while a caller held them: closed, not replaced, when they come
 back.  Open connections number at most ``size + len(_retiring)`` plus what
 ``_to_retire`` and a drain's replacements in flight are opening; a drain
@@ -51,13 +52,22 @@ exits stay as they are, and cost nothing more.  Explicit leases
 (``acquire()``) are entries entered on the caller's behalf, in ``_leases``
 until ``release()`` exits them.
 
+Addresses.  A pool made with ``address=`` has an
+:class:`~geventconnpool._addresses.AddressBook` in ``_addresses`` (else
+None): the resolved addresses, the connects in flight to each, and each
+address's backoff.  Each of its entries remembers its ``address``, so the open
+connections per address are counted from ``_entries`` when a connect picks an
+address, and no path that drops an entry updates the book.
+
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
 one *maintenance* greenlet when a timed option (``max_idle`` too) is set, with the *keepalive*
 checks and the *recycle* closes it starts (``_maintenance.py``); up to
 ``max(1, size // 4)`` *drain* greenlets during a :meth:`drain`
-(``_lifecycle.py``).
+(``_lifecycle.py``); for a pool made with ``address=``, one *addresses*
+greenlet that keeps the resolution fresh and the spread even, with the
+*rebalance* moves it starts (``_addresses.py``).
 
 Observers.  The metrics exporters (``otel.py``, ``prometheus.py``) read
 ``stats()`` when collected; in ``_observers`` they hear only durations, and
@@ -100,6 +110,7 @@ from typing import (
     Generic,
     List,
     Optional,
+    Sequence,
     Set,
     Tuple,
     Type,
@@ -113,6 +124,18 @@ from gevent.monkey import get_original
 from greenlet import GreenletExit, getcurrent
 
 from geventconnpool import _arguments, _lifecycle
+from geventconnpool._addresses import (
+    Address,
+    AddressBook,
+    ConnectingToAddresses,
+    RebalancedPool,
+    address_failed,
+    check_hooks,
+    log_recovery,
+    rebalance_loop,
+    resolve,
+    targets,
+)
 from geventconnpool._arguments import ExcClasses
 from geventconnpool._backoff import backoff_delay
 from geventconnpool._connecting import ConnectingPool, Slot, connect_loop, retry_after
@@ -164,6 +187,7 @@ C = TypeVar("C")
 _ThreadLock: Callable[[], Any] = get_original("_thread", "RLock")
 _now = time.monotonic
 _getframe = sys._getframe
+_OPEN_ONE_TRIES = 8  # addresses _open_one() tries before it gives up, when each fails
 _pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
 # What interrupts a caller rather than reports a failure: the caller's own
 # gevent.Timeout, a kill, Ctrl-C, sys.exit().
@@ -219,6 +243,16 @@ class ConnectionPool(Generic[C]):
         seconds, so that a burst's connections are not all dropped at once.
         ``None`` keeps them open.  Without such a ``min_size`` it could close
         nothing, so it raises :exc:`ValueError`.
+    :param address: the remote end as a ``(host, port)`` pair, or a list of
+        them: the pool resolves each host (:meth:`_resolve`), spreads its
+        connections over every address found, routes around an address that
+        fails, and opens each connection with :meth:`_connect`, which must then
+        be overridden instead of :meth:`_new_connection`.
+    :param resolve_every: seconds; with ``address``, the pool resolves again
+        when it opens a connection and its last answer is older than that.
+    :param rebalance_every: seconds; with ``address``, the pool moves at most
+        one idle connection per period from the address with the most
+        connections to the one with the fewest, when they differ by more than one.
     :raises TypeError: an argument has the wrong type, or a hook the options
         need is not overridden.
     :raises ValueError: a number is out of range.
@@ -229,7 +263,8 @@ class ConnectionPool(Generic[C]):
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     .. versionchanged:: 1.1
-       Added ``watch_idle``, on by default, ``max_waiting``, ``min_size`` and ``max_idle``.
+       Added ``watch_idle``, on by default, ``max_waiting``, ``min_size`` and ``max_idle``,
+       and ``address`` with ``resolve_every`` and ``rebalance_every``.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -281,6 +316,9 @@ class ConnectionPool(Generic[C]):
         max_waiting: Optional[int] = None,
         min_size: Optional[int] = None,
         max_idle: Optional[float] = None,
+        address: Union[Tuple[str, int], Sequence[Tuple[str, int]], None] = None,
+        resolve_every: float = 30.0,
+        rebalance_every: float = 10.0,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
         self._min_size, self._max_idle = _lifecycle.elastic_options(self._size, min_size, max_idle)
@@ -298,8 +336,12 @@ class ConnectionPool(Generic[C]):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, not {name!r}")
         cls = type(self)
-        if cls._new_connection is ConnectionPool._new_connection:
-            raise TypeError(f"{cls.__name__} must override _new_connection() to open a connection")
+        self._resolve_every = _arguments.required_seconds(resolve_every, "resolve_every")
+        self._rebalance_every = _arguments.required_seconds(rebalance_every, "rebalance_every")
+        self._addresses = (
+            None if address is None else AddressBook(targets(address, "address"), self._resolve_every)
+        )
+        check_hooks(cls, ConnectionPool, address is not None)
         needs_check = [arg for arg in ("keepalive", "check_after") if getattr(self, arg) is not None]
         if needs_check and cls._keepalive is ConnectionPool._keepalive:
             raise TypeError(f"{cls.__name__} must override _keepalive() to use {needs_check[0]}=")
@@ -399,6 +441,32 @@ class ConnectionPool(Generic[C]):
            attempt too.
         """
         raise NotImplementedError
+
+    def _connect(self, address: Address) -> C:
+        """Open, initialise and return a new connection to ``address``; override it
+        instead of :meth:`_new_connection` in a pool made with ``address``.
+
+        ``address`` is an :class:`~geventconnpool.Address`: connect to
+        ``address.ip`` and ``address.port``, and use ``address.host`` where the
+        protocol names the server (TLS ``server_hostname``, an HTTP ``Host``).
+        It runs like :meth:`_new_connection`; a failure puts that address, not
+        the pool, in backoff, and the next attempt goes to another address.
+
+        .. versionadded:: 1.1
+        """
+        raise NotImplementedError
+
+    def _resolve(self, host: str, port: int) -> List[str]:
+        """Return the IP addresses of ``host`` for a pool made with ``address``, as strings.
+
+        The default asks gevent's resolver (``getaddrinfo``) for TCP, IPv4 and
+        IPv6, and drops repeats.  The pool calls it at most every
+        ``resolve_every`` seconds, under ``connect_timeout``; an exception, or
+        no address, keeps the last good answer.
+
+        .. versionadded:: 1.1
+        """
+        return resolve(host, port)
 
     def _keepalive(self, c: C) -> None:
         """Check that the idle connection ``c`` still works; override it to use
@@ -728,6 +796,19 @@ class ConnectionPool(Generic[C]):
                 unwatch(entry, self._watchers)
                 self._close_quietly(entry.conn)  # switches
 
+    def connections_by_address(self) -> Dict[Address, int]:
+        """Return the number of open connections to each address, for a pool made with ``address``.
+
+        Every address of the last resolution is there, with 0 when nothing is
+        open to it; so is an address that left it while connections to it are
+        still open.  A pool without ``address`` returns an empty dict.
+
+        .. versionadded:: 1.1
+        """
+        if self._addresses is None:
+            return {}
+        return self._addresses.by_address(e.address for e in self._entries)
+
     def stats(self) -> PoolStats:
         """Return a :class:`PoolStats` snapshot of the gauges and counters.
 
@@ -831,6 +912,21 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.1
         """
         return self._last_error
+
+    def resolve_every(self) -> float:
+        """Seconds before the pool resolves its ``address`` again, when it needs an address; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._resolve_every
+
+    @property
+    def rebalance_every(self) -> float:
+        """Seconds between two moves of a connection to even out the addresses, at least; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._rebalance_every
 
     @property
     def timeout(self) -> Optional[float]:
@@ -1297,8 +1393,9 @@ class ConnectionPool(Generic[C]):
         """
         return self._closed or gevent.getcurrent() not in self._greenlets
 
-    def _add(self, conn: C) -> None:
-        """A slot finished connecting: lend the new connection to the first waiter, or keep it idle."""
+    def _add(self, conn: C, address: Optional[Address] = None) -> None:
+        """A slot finished connecting (to ``address``, with ``address=``): lend the new connection to the
+        first waiter, or keep it idle."""
         if self._to_retire and retire_new(self, conn):  # switches
             return
         lifetime = (
@@ -1307,6 +1404,7 @@ class ConnectionPool(Generic[C]):
             else self.max_lifetime * random.uniform(SHORTEST_LIFETIME, 1.0)
         )
         entry = self._entry_class(conn, self, _now() + lifetime)
+        entry.address = address
         if self._watch_idle:
             sock = self._watchable_socket(conn)
             if sock is not None:
@@ -1320,6 +1418,47 @@ class ConnectionPool(Generic[C]):
             self._go_idle(entry)
         if self._ready_waiters:
             opened(self._ready_waiters, len(self._entries))
+
+    def _open_one(self) -> Tuple[C, Optional[Address]]:
+        """Open one connection in this greenlet, as a connect greenlet would, and the address it went to
+        (``None`` without ``address=``); raise what failed (switches).  For :meth:`drain`.
+
+        With ``address=``, a failed connect backs that address off and the
+        next one is tried at once: it raises only when every address failed.
+        """
+        book = self._addresses
+        if book is None:
+            conn = self._bounded(self.connect_timeout, "_new_connection()", self._new_connection)  # switches
+            if conn is None:
+                raise TypeError("_new_connection() returned None")
+            return conn, None
+        for tries_left in reversed(range(_OPEN_ONE_TRIES)):
+            tried_at = self._loop.now()
+            book.refresh(self, tried_at)  # switches, when a resolution is due
+            address = book.choose([e.address for e in self._entries], tried_at)
+            try:
+                conn = self._bounded(self.connect_timeout, "_connect()", self._connect, address)  # switches
+                if conn is None:
+                    raise TypeError("_connect() returned None")
+            except Exception as error:
+                if address_failed(self, book, address, error, tried_at) or not tries_left:
+                    raise  # every address is in backoff now
+                continue
+            finally:
+                book.attempt_ended(address)
+            log_recovery(self, book, address)
+            return conn, address
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None:
+        """Rebalancing opened ``conn`` to replace the held ``entry``: it takes the entry's slot at once,
+        and the entry is closed."""
+        self._recycled += 1
+        self._entries.discard(entry)
+        unwatch(entry, self._watchers)
+        self._connecting += 1  # the slot the entry leaves, filled by _add at once
+        self._add(conn, address)
+        self._close_quietly(entry.conn, in_background=True)  # switches
 
     def _watchable_socket(self, conn: C) -> Any:
         """The socket of ``conn`` to watch while it is idle (see :meth:`_socket_of`), or None."""
@@ -1348,6 +1487,8 @@ class ConnectionPool(Generic[C]):
             self._open_slot()
         if self._maintained:
             self._spawn("maintenance", maintenance_loop, self._generation)
+        if self._addresses is not None:
+            self._spawn("addresses", rebalance_loop, self._generation)
 
     def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None:
         greenlet = gevent.spawn(loop, weakref.ref(self), *args)
@@ -1408,6 +1549,8 @@ class ConnectionPool(Generic[C]):
         self._checking.clear()
         self._closing.clear()  # the parent closes those
         self._slots.clear()
+        if self._addresses is not None:
+            self._addresses.after_fork()
         self._connecting = self.min_size  # reopened by the child's first call
         self._idle_closures = {}
         self._closure_report = None
@@ -1504,6 +1647,8 @@ if TYPE_CHECKING:
         ReadinessPool[Any],
         ObservedPool[Any],
         LifecyclePool[Any],
+        ConnectingToAddresses,
+        RebalancedPool[Any],
     ]:
         """Never called: the type checker proves that the pool is what each private module expects."""
-        return pool, pool, pool, pool, pool, pool, pool
+        return pool, pool, pool, pool, pool, pool, pool, pool, pool

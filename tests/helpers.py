@@ -103,7 +103,8 @@ def local_port(sock: socket.socket) -> int:
 
 
 class LineServer:
-    """A real TCP server on 127.0.0.1 speaking a line protocol, with what a test needs to watch and break it.
+    """A real TCP server on 127.0.0.1 (or another loopback ``host``) speaking a line protocol, with what a
+    test needs to watch and break it.
 
     Commands, one per line: ``PING`` answers ``PONG``; ``ECHO x`` answers ``x``;
     ``WHO`` answers the client's port; ``QUIT`` closes the connection; anything
@@ -112,7 +113,8 @@ class LineServer:
     can cut every open connection.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port = port
         self.accepted = 0
         self.closed = 0
@@ -125,12 +127,12 @@ class LineServer:
 
     @property
     def address(self) -> Tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.host, self.port)
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        listener.bind((self.host, self.port))
         listener.listen(128)
         self.port = listener.getsockname()[1]
         self._server = StreamServer(listener, self._handle)

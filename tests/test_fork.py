@@ -23,7 +23,7 @@ from gevent import socket
 from gevent.monkey import get_original, is_module_patched
 from helpers import LinePool, LineServer, local_port, recv_line, wait_until
 
-from geventconnpool import ConnectionPool, PoolTimeout
+from geventconnpool import Address, ConnectionPool, PoolTimeout
 
 start_new_thread = get_original("_thread", "start_new_thread")
 
@@ -643,5 +643,35 @@ def test_fork_during_a_drain_leaves_the_drain_to_the_parent(fork, threaded_serve
             assert report["gauges"] == [2, 0, 0, 0]
         wait_until(lambda: held_port in [c["port"] for c in pool.closes])
         assert pool.stats().retiring == 0
+
+
+class ForkedAddressPool(ConnectionPool[socket.socket]):
+    """A pool with ``address=`` whose name resolves to the threaded server and to an address refusing all."""
+
+    def _resolve(self, host: str, port: int) -> List[str]:
+        return ["127.0.0.1", "127.0.0.3"]  # nothing listens on 127.0.0.3
+
+    def _connect(self, address: Address) -> socket.socket:
+        return socket.create_connection((address.ip, address.port), timeout=5)
+
+
+def test_pool_with_address_works_in_the_child_on_its_own_connections(fork, threaded_server, leak_check):
+    """A child of a pool made with ``address=`` resolves, routes around the dead address and spreads its
+    own connections, none of them the parent's."""
+    port = threaded_server.server.port
+    with ForkedAddressPool(2, address=("backend.test", port), name="forked-addresses") as pool:
+        pool.wait(timeout=5)
+        parent_ports = own_ports(pool)
+
+        def child() -> Dict[str, Any]:
+            pool.wait(timeout=5)
+            by_ip = {a.ip: n for a, n in pool.connections_by_address().items()}
+            return {"ports": sorted(own_ports(pool)), "by_ip": by_ip, "opened": pool.stats().opened}
+
+        report = run_child(fork, child)
+        assert report["by_ip"] == {"127.0.0.1": 2, "127.0.0.3": 0}
+        assert report["opened"] == 2
+        assert report["ports"] and not set(report["ports"]) & parent_ports
+        assert own_ports(pool) == parent_ports
     threaded_server.stop()
     leak_check()

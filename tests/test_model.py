@@ -1,5 +1,6 @@
 """A model-based test: random sequences of loans (with get() or acquire()), returns, discards, kills,
-outages, keepalive ticks, resizes, drains and close (with or without a timeout).
+outages, keepalive ticks, resizes, drains and close (with or without a timeout); and, for a pool made with
+``address=``, addresses that come, go, die and return.
 
 Hypothesis drives a pool of scripted in-memory connections (the pool treats
 connections as black boxes) through random steps, and after every step checks
@@ -12,7 +13,8 @@ first come first served, and a closed pool lends nothing.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from collections import Counter
+from typing import Any, Dict, List, Optional, Set
 
 import gevent
 import pytest
@@ -24,7 +26,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from geventconnpool import PoolClosed
+from geventconnpool import Address, ConnectionPool, PoolClosed
 from geventconnpool._lifecycle import _to_replace, in_flight_limit
 
 KEEPALIVE = 0.02
@@ -97,15 +99,19 @@ class PoolMachine(RuleBasedStateMachine):
     def make_pool(self, size: int, min_size: Optional[int]) -> None:
         """A fixed pool, or one with a min_size (elastic below size: it grows for waiting callers)."""
         self.min_size = None if min_size is None else min(min_size, size)
-        self.pool = FakePool(
+        self.pool = self.new_pool(size, self.min_size)
+        self.pool.wait(timeout=5)
+        self._settle()  # wait() returns as the last connect ends; a keepalive check may have begun since
+
+    def new_pool(self, size: int, min_size: Optional[int] = None) -> FakePool:
+        return FakePool(
             size,
             factory=self.remote.connect,
             keepalive=KEEPALIVE,
             timeout=None,
             name="model",
-            min_size=self.min_size,
+            min_size=min_size,
         )
-        self.pool.wait(timeout=5)
 
     def _use(self, holder: Holder, c: FakeConn) -> None:
         """What a holder does with its connection: hold it until told, then end as told."""
@@ -172,27 +178,27 @@ class PoolMachine(RuleBasedStateMachine):
 
         So the state after each step does not depend on how fast the machine is.
         """
+        wait_until(self._quiet, timeout=5, message=lambda: repr((self.pool, self.holders)))
+
+    def _quiet(self) -> bool:
+        """Whether nothing is in flight (see :meth:`_settle`)."""
         assert self.pool is not None
-        pool = self.pool
-
-        def quiet() -> bool:
-            if self._by_state("asking"):
-                return False
-            s = pool.stats()
-            holding = len(self._by_state("holding"))
-            if s.waiting != len(self._by_state("waiting")):
-                return False
-            if not self.closed_under_holders and not s.in_use <= holding <= s.in_use + s.retiring:
-                return False
-            if [c for c in self._idle_conns() if c.broken]:
-                return False
-            if not self.closed and len([c for c in self.remote.conns if c.closed]) != s.discarded + s.retired:
-                return False  # a retired connection is closed in the background
-            if not self.closed and self.remote.up and drain_can_go_on(pool):
-                return False  # a drain worker polls for held old connections: it replaces the next soon
-            return self.closed or not self.remote.up or s.connecting == 0
-
-        wait_until(quiet, timeout=5, message=lambda: repr((pool, self.holders)))
+        if self._by_state("asking"):
+            return False
+        s = self.pool.stats()
+        holding = len(self._by_state("holding"))
+        if s.waiting != len(self._by_state("waiting")):
+            return False
+        if not self.closed_under_holders and not s.in_use <= holding <= s.in_use + s.retiring:
+            return False
+        if [c for c in self._idle_conns() if c.broken] or self.pool._checking:
+            return False  # (a check of a connection that a shrink or a drain retires is in no gauge)
+        closed = len([c for c in self.remote.conns if c.closed])
+        if not self.closed and closed != s.discarded + s.retired + s.recycled:
+            return False  # a retired or moved connection is closed in the background
+        if not self.closed and self.remote.up and drain_can_go_on(self.pool):
+            return False  # a drain worker polls for held old connections: it replaces the next soon
+        return self.closed or not self.remote.up or s.connecting == 0
 
     # -- rules ----------------------------------------------------------------------------------
 
@@ -355,7 +361,8 @@ class PoolMachine(RuleBasedStateMachine):
         """Time passes: every idle connection is checked again, and none held is."""
         idle = {c: self._pings(c) for c in self._idle_conns()}
         held = {c: self._pings(c) for c in self._held_conns()}
-        wait_until(lambda: all(self._pings(c) > pings for c, pings in idle.items()), timeout=5)
+        # (or closed: rebalancing over addresses moves an idle connection in its own time)
+        wait_until(lambda: all(self._pings(c) > pings or c.closed for c, pings in idle.items()), timeout=5)
         self._settle()
         assert all(self._pings(c) == pings for c, pings in held.items())
 
@@ -424,7 +431,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert s.idle == len(self._idle_conns())
         assert s.opened - s.discarded - s.recycled - s.retired == s.idle + holding
         assert self.discards <= s.discarded - s.keepalive_failures <= self.discards + self.discards_or_retired
-        assert len([c for c in self.remote.conns if c.closed]) == s.discarded + s.retired
+        assert len([c for c in self.remote.conns if c.closed]) == s.discarded + s.retired + s.recycled
         if s.waiting:
             assert s.idle == 0
         if self.remote.up:
@@ -459,14 +466,149 @@ class PoolMachine(RuleBasedStateMachine):
         wait_until(lambda: not [g for g in pool_greenlets() if name in g.name])
 
 
-PoolMachine.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+def runs(examples: int) -> settings:
+    """The settings of a state machine's test: ``examples`` random runs of up to 30 steps, untimed."""
+    return settings(
+        max_examples=examples,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+PoolMachine.TestCase.settings = runs(100)
 
 
 @pytest.mark.watchdog(120)
 class TestPoolModel(PoolMachine.TestCase):  # type: ignore[misc,valid-type]
     """The pool agrees with the model after every step of random runs."""
+
+
+# -- address churn ------------------------------------------------------------------------------------------
+
+
+class Addresses(Remote):
+    """Several servers behind one name: the name's current answer, and which servers are up.
+
+    ``up`` says whether the pool can reach any server of the answer; setting it takes every server up or
+    down at once (the base machine's outage rules).
+    """
+
+    def __init__(self) -> None:
+        self.answer = ["10.0.0.1", "10.0.0.2"]
+        self.down: Set[str] = set()
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def up(self) -> bool:
+        return any(ip not in self.down for ip in self.answer)
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self.down = set() if value else {f"10.0.0.{n}" for n in range(1, 10)}
+
+    def connect_to(self, address: Address) -> FakeConn:
+        """A new connection to ``address``; ConnectionRefusedError while its server is down."""
+        if address.ip in self.down:
+            raise ConnectionRefusedError(f"{address.ip} is down")
+        conn = FakeConn(len(self.conns))
+        conn.address = address  # type: ignore[attr-defined]
+        self.conns.append(conn)
+        return conn
+
+
+class FakeAddressPool(FakePool):
+    """A FakePool made with ``address=``: it connects with _connect, and resolves to ``resolver()``."""
+
+    _new_connection = ConnectionPool._new_connection  # a pool with address= connects with _connect only
+
+    def __init__(self, size: int, addresses: Addresses, **kwargs: Any) -> None:
+        self.addresses = addresses
+        super().__init__(size, address=("backend.test", 80), **kwargs)
+
+    def _connect(self, address: Address) -> Any:
+        conn = self.addresses.connect_to(address)
+        self.conns.append(conn)
+        return conn
+
+    def _resolve(self, host: str, port: int) -> List[str]:
+        return list(self.addresses.answer)
+
+
+class AddressMachine(PoolMachine):
+    """The pool with ``address=`` against the same model, while its name's answer and servers change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote: Addresses = Addresses()
+
+    def new_pool(self, size: int, min_size: Optional[int] = None) -> FakePool:
+        return FakeAddressPool(
+            size,
+            self.remote,
+            keepalive=KEEPALIVE,
+            timeout=None,
+            name="model-addresses",
+            min_size=min_size,
+            resolve_every=0.001,
+            rebalance_every=0.01,
+        )
+
+    def _quiet(self) -> bool:
+        """Nothing in flight, and no connection that the pool dropped still waiting for its close."""
+        assert self.pool is not None
+        return super()._quiet() and not self.pool._closing
+
+    @precondition(lambda self: len(self.remote.answer) < 4)
+    @rule()
+    def scale_out(self) -> None:
+        """The name starts resolving to one more server."""
+        taken = set(self.remote.answer)
+        self.remote.answer.append(next(f"10.0.0.{n}" for n in range(1, 10) if f"10.0.0.{n}" not in taken))
+        self._settle()
+
+    @precondition(lambda self: len(self.remote.answer) > 1)
+    @rule(data=st.data())
+    def scale_in(self, data: st.DataObject) -> None:
+        """The name stops resolving to one of its servers (which keeps serving what is open)."""
+        self.remote.answer.remove(data.draw(st.sampled_from(self.remote.answer)))
+        self._settle()
+
+    @precondition(lambda self: [ip for ip in self.remote.answer if ip not in self.remote.down])
+    @rule(data=st.data())
+    def server_dies(self, data: st.DataObject) -> None:
+        """One server of the answer goes down: its connections break, and connects to it are refused."""
+        ip = data.draw(st.sampled_from([ip for ip in self.remote.answer if ip not in self.remote.down]))
+        self.remote.down.add(ip)
+        for conn in self.remote.conns:
+            if conn.address.ip == ip:  # type: ignore[attr-defined]
+                conn.broken = True
+        self._settle()
+
+    @precondition(lambda self: self.remote.down)
+    @rule(data=st.data())
+    def server_returns(self, data: st.DataObject) -> None:
+        """A server that was down accepts connections again."""
+        self.remote.down.discard(data.draw(st.sampled_from(sorted(self.remote.down))))
+        self._settle()
+
+    @invariant()
+    def each_connection_knows_its_address(self) -> None:
+        if self.pool is None or self.closed:
+            return
+        by_address = self.pool.connections_by_address()
+        s = self.pool.stats()
+        assert sum(by_address.values()) == s.idle + s.in_use
+        retiring = {id(e.conn) for e in self.pool._retiring}  # held, out of the pool, closed when back
+        open_conns = [c for c in self.remote.conns if not c.closed and id(c) not in retiring]
+        assert Counter(c.address for c in open_conns) == Counter(  # type: ignore[attr-defined]
+            {a: n for a, n in by_address.items() if n}
+        )
+
+
+AddressMachine.TestCase.settings = runs(50)
+
+
+@pytest.mark.watchdog(120)
+class TestAddressModel(AddressMachine.TestCase):  # type: ignore[misc,valid-type]
+    """A pool with address= agrees with the model after every step of random address churn."""
