@@ -77,7 +77,8 @@ FIGURES: Tuple[Figure, ...] = (
         "The maximum number of open connections allowed.",
         lambda s: s.size,
     ),
-    # The pool keeps all its connections open, idle when nobody uses them: size is both bounds.
+    # Idle when nobody uses them, the pool keeps up to size connections open, and
+    # closes idle ones (max_idle) only down to min_size: its bounds on idle ones.
     Figure(
         "db.client.connection.idle.max",
         "gauge",
@@ -90,7 +91,7 @@ FIGURES: Tuple[Figure, ...] = (
         "gauge",
         _CONNECTIONS,
         "The minimum number of idle open connections allowed.",
-        lambda s: s.size,
+        lambda s: s.size if s.min_size is None else s.min_size,
     ),
     Figure(
         "db.client.connection.pending_requests",

@@ -9,6 +9,7 @@ use of their pool is :class:`LendingPool`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from types import FrameType, TracebackType
@@ -129,6 +130,7 @@ class Entry(Generic[C]):
     __slots__ = (
         "__weakref__",
         "address",
+        "checked_at",
         "conn",
         "expires_at",
         "fd",
@@ -153,6 +155,7 @@ class Entry(Generic[C]):
         self.address: Optional[Address] = None  # where it is connected, in a pool made with address=
         self.expires_at = expires_at
         self.opened_at = self.idle_since = _now()
+        self.checked_at = -math.inf  # when a check last found it working (keepalive, check_after)
         self.lent_at = 0.0
         self.lent_from: Optional[FrameType] = None
         self.lent_lasti = 0  # the offset of the get() call in lent_from's code

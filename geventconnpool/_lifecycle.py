@@ -1,4 +1,5 @@
-"""Lifecycle control: a holder's discard, explicit leases, closing with a grace period, resizing, draining.
+"""Lifecycle control: a holder's discard, explicit leases, closing with a grace period, resizing, draining,
+and how an elastic pool (``min_size`` < ``size``) grows and replaces.
 
 Private.  None of it runs on the checkout path.  What the pool must do with
 a held connection when it comes back (close it and open another, or close it
@@ -21,9 +22,10 @@ from typing import Any, Callable, Deque, Dict, Generic, List, Optional, Protocol
 
 import gevent
 
+from geventconnpool import _arguments
 from geventconnpool._addresses import Address
-from geventconnpool._lease import ENTERED, IN_POOL, NEVER, ORPHANAGE, ClosingIdle, Entry, Waiter
-from geventconnpool._maintenance import close_recycled
+from geventconnpool._lease import ENTERED, ORPHANAGE, ClosingIdle, Entry, Waiter
+from geventconnpool._maintenance import retire_now
 from geventconnpool._watching import unwatch
 
 C = TypeVar("C")
@@ -39,7 +41,13 @@ class LifecyclePool(Protocol[C]):
     @property
     def name(self) -> str: ...
 
+    @property
+    def min_size(self) -> int: ...
+
     _size: int
+    _min_size: Optional[int]  # None: the same as _size
+    _max_idle: Optional[float]
+    _waiters: Deque[Waiter]
     _closed: bool
     _entries: Set[Entry[C]]
     _idle: Deque[Entry[C]]
@@ -215,19 +223,26 @@ def close_held(pool: LifecyclePool[C], limit: float) -> None:
 
 
 def resize(pool: LifecyclePool[C], size: int) -> None:
-    """Change the pool's size: open the new slots, or close the surplus, idle ones first."""
-    grow = size - pool._size
+    """Change the pool's size: open the new slots, or close the surplus, idle ones first.
+
+    A fixed pool (``min_size`` None) keeps ``size`` open; an elastic one
+    keeps what it has, between ``min_size`` and the new size.
+    """
+    if pool._min_size is not None and size < pool._min_size:
+        raise ValueError(f"pool {pool.name!r}: size must be >= min_size={pool._min_size}, not {size!r}")
+    slots = _slots(pool)
     pool._size = size
-    if grow >= 0:
-        for _ in range(grow):
-            pool._open_slot()
+    wanted = min(max(slots, pool.min_size), size)
+    for _ in range(wanted - slots):
+        pool._open_slot()
+    surplus = slots - wanted
+    if surplus <= 0:
         return
-    surplus = -grow
     # Idle connections first, the least recently used ones (on the left).
     while surplus and pool._idle:
         entry = pool._idle[0]
         pool._leave_idle(entry)
-        _retire_now(pool, entry)
+        retire_now(pool, entry)
         surplus -= 1
     # Then slots still opening: their connection is closed as it opens.
     cancelled = min(surplus, pool._connecting - pool._to_retire)
@@ -241,17 +256,6 @@ def resize(pool: LifecyclePool[C], size: int) -> None:
     pool._to_retire += surplus
 
 
-def _retire_now(pool: LifecyclePool[C], entry: Entry[C]) -> None:
-    """Close an entry for good, without a replacement, in a greenlet of its own."""
-    pool._entries.discard(entry)
-    unwatch(entry, pool._watchers)
-    entry.loan = IN_POOL
-    entry.watching = NEVER
-    pool._retired += 1
-    pool._closing.add(entry)
-    pool._spawn("recycle", close_recycled, entry)
-
-
 def _retire_later(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     """Take a held entry out of the pool's size: it is closed for good when it comes back."""
     pool._entries.discard(entry)
@@ -261,7 +265,7 @@ def _retire_later(pool: LifecyclePool[C], entry: Entry[C]) -> None:
 
 def _retire_returned(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     pool._retiring.discard(entry)
-    _retire_now(pool, entry)
+    retire_now(pool, entry)
 
 
 def retire_new(pool: LifecyclePool[C], conn: C) -> bool:
@@ -272,6 +276,49 @@ def retire_new(pool: LifecyclePool[C], conn: C) -> bool:
     pool._connecting -= 1
     _unneeded(pool, conn, in_background=True)  # switches
     return True
+
+
+# -- elastic size -----------------------------------------------------------------------------------
+
+
+def elastic_options(
+    size: int, min_size: Optional[int], max_idle: Optional[float]
+) -> Tuple[Optional[int], Optional[float]]:
+    """Check the constructor's ``min_size`` and ``max_idle`` against ``size``; return them.
+
+    ``max_idle`` closes only connections above ``min_size``: without a
+    ``min_size`` below ``size`` it could never close any, which is a mistake.
+    """
+    if min_size is not None:
+        min_size = _arguments.whole_number(min_size, "min_size", minimum=1, maximum=size)
+    seconds = _arguments.seconds(max_idle, "max_idle")
+    if seconds is not None and (min_size is None or min_size == size):
+        raise ValueError(
+            f"max_idle closes idle connections above min_size: it needs min_size below size={size},"
+            f" not min_size={min_size!r}"
+        )
+    return min_size, seconds
+
+
+def _slots(pool: LifecyclePool[Any]) -> int:
+    """The connections of the pool's size: open (idle or in use) or being opened."""
+    return len(pool._entries) + pool._connecting - pool._to_retire
+
+
+def grow(pool: LifecyclePool[Any]) -> None:
+    """A caller queued in an elastic pool below its size: open one more connection, unless those being
+    opened already cover every waiter."""
+    if pool._connecting - pool._to_retire < len(pool._waiters) and _slots(pool) < pool._size:
+        pool._open_slot()
+
+
+def replaces(pool: LifecyclePool[Any]) -> bool:
+    """Whether a connection that just left the pool (broken, expired) needs a replacement.
+
+    A fixed pool always does.  An elastic one does while it has fewer than
+    ``min_size`` open or opening, or fewer being opened than callers wait.
+    """
+    return _slots(pool) < pool.min_size or pool._connecting - pool._to_retire < len(pool._waiters)
 
 
 # -- draining ---------------------------------------------------------------------------------------
@@ -343,7 +390,7 @@ def _swap(pool: LifecyclePool[C], work: Drain[C], conn: C, address: Optional[Add
         return False
     if old in pool._idle:
         pool._leave_idle(old)
-        _retire_now(pool, old)
+        retire_now(pool, old)
     else:
         _retire_later(pool, old)
     pool._connecting += 1  # _add() counts a connection that was opening

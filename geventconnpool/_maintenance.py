@@ -1,7 +1,7 @@
 """Maintenance: one greenlet per pool that recycles, pings, marks and watches its connections.
 
-It runs when the pool has ``keepalive``, ``max_lifetime``, ``check_after`` or
-``leak_warning``.  At each wake-up :func:`plan` decides, from the time and
+It runs when the pool has ``keepalive``, ``max_lifetime``, ``check_after``,
+``leak_warning`` or ``max_idle``.  At each wake-up :func:`plan` decides, from the time and
 the entries alone, what is due; :func:`maintain` does it without any I/O (an
 idle connection to ping, or to close, goes to a greenlet of its own, started
 here), so that :meth:`~geventconnpool.ConnectionPool.get`, which reads no
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dis
 import logging
+import math
 import time
 import traceback
 import weakref
@@ -23,7 +24,8 @@ from typing import Any, Callable, Deque, Generic, Iterable, List, Optional, Prot
 
 import gevent
 
-from geventconnpool._lease import Entry
+from geventconnpool._lease import IN_POOL, NEVER, Entry
+from geventconnpool._watching import unwatch
 
 C = TypeVar("C")
 
@@ -40,7 +42,8 @@ class Timed(Protocol):
     """What :func:`plan` reads of an entry: the times of its life."""
 
     expires_at: float
-    idle_since: float
+    idle_since: float  # when a caller last gave it back (or it opened)
+    checked_at: float  # when a keepalive or check_after check last found it working
     lent_at: float
     lent_from: Optional[FrameType]
 
@@ -62,6 +65,13 @@ class Plan(Generic[T]):
     """Idle entries idle for ``check_after``: get() checks them before it lends them."""
     leaked: List[T] = field(default_factory=list)
     """Held entries held for ``leak_warning``, not warned about yet."""
+    shrink: List[T] = field(default_factory=list)
+    """At most one idle entry unused for ``max_idle``: closed for good, without a replacement."""
+
+
+def quiet_since(entry: Timed) -> float:
+    """Since when ``entry`` has been idle and unchecked: what ``keepalive`` and ``check_after`` count from."""
+    return max(entry.idle_since, entry.checked_at)
 
 
 def plan(
@@ -73,6 +83,9 @@ def plan(
     max_lifetime: Optional[float],
     check_after: Optional[float],
     leak_warning: Optional[float],
+    max_idle: Optional[float] = None,
+    surplus: int = 0,
+    shrunk_at: float = -math.inf,
 ) -> Plan[T]:
     """Decide what is due at ``now``.
 
@@ -80,9 +93,14 @@ def plan(
     every open one, idle or held.  A connection opened or given back after
     ``now`` is due no sooner than one period later, so the wake-up is at most
     the shortest period away; the entries already open may bring it closer.
+    ``surplus`` is how many connections the pool has above ``min_size``, and
+    ``shrunk_at`` when one was last closed for ``max_idle``: one more is
+    closed no sooner than ``max_idle / 4`` after.
     """
     shortest_lifetime = None if max_lifetime is None else max_lifetime * SHORTEST_LIFETIME
-    periods = [p for p in (keepalive, shortest_lifetime, check_after, leak_warning) if p is not None]
+    periods = [
+        p for p in (keepalive, shortest_lifetime, check_after, leak_warning, max_idle) if p is not None
+    ]
     result: Plan[T] = Plan(wake_at=now + min(periods))
     waiting = []
     for entry in idle:
@@ -90,19 +108,33 @@ def plan(
             result.recycle.append(entry)
         else:
             waiting.append(entry)
+    if max_idle is not None and surplus > 0:
+        # Before the pings: a connection closed for good needs none.  Pings are
+        # no use, so the one unused the longest need not be the leftmost.
+        allowed_at = shrunk_at + max_idle / 4
+        if waiting:
+            unused = min(waiting, key=lambda e: e.idle_since)
+            if max(unused.idle_since + max_idle, allowed_at) <= now:
+                result.shrink.append(unused)
+                waiting.remove(unused)
+                surplus -= 1
+                allowed_at = now + max_idle / 4
+        if surplus > 0 and waiting:
+            unused = min(waiting, key=lambda e: e.idle_since)
+            result.wake_at = min(result.wake_at, max(unused.idle_since + max_idle, allowed_at))
     if max_lifetime is not None:
         # A held connection that expires is recycled when it comes back.
         lifetimes = [e.expires_at for e in entries if e.expires_at > now]
         result.wake_at = min([result.wake_at, *lifetimes])
     if keepalive is not None:
-        while waiting and now - waiting[0].idle_since >= keepalive:
+        while waiting and now - quiet_since(waiting[0]) >= keepalive:
             result.ping.append(waiting.pop(0))
         if waiting:
-            result.wake_at = min(result.wake_at, waiting[0].idle_since + keepalive)
+            result.wake_at = min(result.wake_at, quiet_since(waiting[0]) + keepalive)
     if check_after is not None:
         for entry in waiting:
-            if now - entry.idle_since < check_after:
-                result.wake_at = min(result.wake_at, entry.idle_since + check_after)
+            if now - quiet_since(entry) < check_after:
+                result.wake_at = min(result.wake_at, quiet_since(entry) + check_after)
                 break
             result.stale.append(entry)
     if leak_warning is not None:
@@ -131,6 +163,10 @@ class MaintainedPool(Protocol[C]):
     def check_after(self) -> Optional[float]: ...
     @property
     def leak_warning(self) -> Optional[float]: ...
+    @property
+    def max_idle(self) -> Optional[float]: ...
+    @property
+    def min_size(self) -> int: ...
 
     _generation: int
     _closed: bool
@@ -139,6 +175,11 @@ class MaintainedPool(Protocol[C]):
     _checking: Set[Entry[C]]
     _closing: Set[Entry[C]]
     _retiring: Set[Entry[C]]  # held, out of _entries (see _lifecycle.py)
+    _connecting: int
+    _to_retire: int
+    _retired: int
+    _watchers: Set[Any]
+    _shrunk_at: float  # when a connection was last closed for max_idle
 
     def _recycle(self, entry: Entry[C], in_background: bool = False) -> None: ...
     def _leave_idle(self, entry: Entry[C]) -> None: ...
@@ -176,7 +217,15 @@ def maintain(pool: MaintainedPool[C]) -> float:
         max_lifetime=pool.max_lifetime,
         check_after=pool.check_after,
         leak_warning=pool.leak_warning,
+        max_idle=pool.max_idle,
+        surplus=len(pool._entries) + pool._connecting - pool._to_retire - pool.min_size,
+        shrunk_at=pool._shrunk_at,
     )
+    for entry in due.shrink:
+        pool._leave_idle(entry)
+        retire_now(pool, entry)
+        pool._shrunk_at = now
+        logger.debug("pool %r: closing a connection unused for max_idle=%s s", pool.name, pool.max_idle)
     for entry in due.recycle:
         pool._leave_idle(entry)
         pool._recycle(entry, in_background=True)
@@ -197,8 +246,10 @@ def keepalive_check(pool_ref: weakref.ref[MaintainedPool[Any]], entry: Entry[Any
     if pool is None:
         return
     try:
+        used = entry.idle_since
         if pool._check(entry, pool.connect_timeout, in_background=True):  # switches
             pool._release(entry)
+            entry.idle_since = used  # a ping is no use: max_idle counts from the last caller's
     finally:
         pool._checking.discard(entry)
 
@@ -210,6 +261,28 @@ def close_recycled(pool_ref: weakref.ref[MaintainedPool[Any]], entry: Entry[Any]
         return  # close() took it over
     pool._closing.discard(entry)
     pool._close_quietly(entry.conn, in_background=True)  # switches
+
+
+class RetiringPool(Protocol[C]):
+    """What :func:`retire_now` uses of the pool (lifecycle control uses it too)."""
+
+    _entries: Set[Entry[C]]
+    _watchers: Set[Any]
+    _retired: int
+    _closing: Set[Entry[C]]
+
+    def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
+
+
+def retire_now(pool: RetiringPool[C], entry: Entry[C]) -> None:
+    """Close an entry for good, without a replacement, in a greenlet of its own (resize, drain, max_idle)."""
+    pool._entries.discard(entry)
+    unwatch(entry, pool._watchers)
+    entry.loan = IN_POOL
+    entry.watching = NEVER
+    pool._retired += 1
+    pool._closing.add(entry)
+    pool._spawn("recycle", close_recycled, entry)
 
 
 def warn_leak(pool: MaintainedPool[Any], entry: Entry[Any], now: float) -> None:

@@ -40,6 +40,8 @@ class ReadinessPool(Protocol[C]):
     def name(self) -> str: ...
     @property
     def size(self) -> int: ...
+    @property
+    def min_size(self) -> int: ...
 
     _closed: bool
     _entries: Set[Entry[C]]  # the open connections, idle or in use
@@ -50,14 +52,14 @@ class ReadinessPool(Protocol[C]):
 
 
 def wait_open(pool: ReadinessPool[Any], timeout: Optional[float], min_open: Optional[int]) -> None:
-    """Block until at least ``min_open`` (default: all) of the pool's connections are open.
+    """Block until at least ``min_open`` (default: ``min_size``, all of a fixed pool's) connections are open.
 
     :raises PoolTimeout: not enough opened within ``timeout`` seconds; it names the last connect error.
     :raises PoolClosed: the pool is closed, or closes meanwhile.
     """
     limit = _arguments.seconds(timeout, "timeout", zero=True)
     size = pool.size
-    wanted = size
+    wanted = pool.min_size
     if min_open is not None:
         wanted = _arguments.whole_number(min_open, "min_open", minimum=1, maximum=size)
     pool._check_thread_and_fork()

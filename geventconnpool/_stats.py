@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
 class PoolStats:
     """A snapshot of a pool's gauges and counters, returned by :meth:`ConnectionPool.stats`.
 
-    While the pool is open, ``idle + in_use + connecting == size`` (up to ``size + max(1, size // 4)``
-    while :meth:`ConnectionPool.drain` opens replacements); ``retiring`` counts apart.
+    While the pool is open, ``idle + in_use + connecting`` is between ``min_size`` and ``size`` (both
+    ``size`` unless the pool is elastic; up to ``size + max(1, size // 4)`` while
+    :meth:`ConnectionPool.drain` opens replacements); ``retiring`` counts apart.
     """
 
     __module__ = "geventconnpool"
 
     size: int
-    """How many connections the pool keeps."""
+    """How many connections the pool keeps: the most it opens, if it is elastic."""
     idle: int
     """Open connections ready to be lent."""
     in_use: int
@@ -67,7 +69,18 @@ class PoolStats:
     """
     retired: int = 0
     """Connections closed for good, without a replacement: :meth:`ConnectionPool.resize` made the pool
-    smaller, or :meth:`ConnectionPool.drain` had already replaced them.
+    smaller, :meth:`ConnectionPool.drain` had already replaced them, or an elastic pool closed them
+    after ``max_idle`` unused.
 
     .. versionadded:: 1.1
     """
+    min_size: Optional[int] = None
+    """How many connections the pool keeps open at least: ``size`` unless the pool is elastic.  Always
+    an int in a snapshot from :meth:`ConnectionPool.stats`; one built by hand without it takes ``size``.
+
+    .. versionadded:: 1.1
+    """
+
+    def __post_init__(self) -> None:
+        if self.min_size is None:
+            object.__setattr__(self, "min_size", self.size)

@@ -1,4 +1,4 @@
-"""The :class:`ConnectionPool`: a fixed number of open connections, lent to greenlets.
+"""The :class:`ConnectionPool`: a fixed (or elastic) number of open connections, lent to greenlets.
 
 Theory of operation
 -------------------
@@ -13,19 +13,27 @@ opening a connection (each runs a connect greenlet; see ``_connecting.py``).
 Callers that found nothing idle wait in ``_waiters``, first come, first
 served; callers of :meth:`wait` wait in ``_ready_waiters``, woken by
 ``_add`` (``_readiness.py``).  The invariant, while the pool is open: every
-one of the ``size`` slots is exactly one of idle, in use or connecting, so
-``len(_entries) + _connecting - _to_retire == size``.  Only ``_open_slot``
-(+1 connecting), ``_add`` (connecting -> idle or lent; or, while
-``_to_retire``, connecting -> closed, both -1), ``_close_and_replace``
-(in use -> connecting), :meth:`close` (everything -> nothing), the fork
-hooks (everything -> connecting), :meth:`resize` (``_lifecycle.py``:
-+n connecting; or idle -> closed, connecting -> ``_to_retire``, in use ->
-``_retiring``) and :meth:`drain`'s swap (a new connection in, an old one
-idle -> closed or in use -> ``_retiring``, without a switch between) change
-those counts; lending and giving back only move an entry in or out of
-``_idle``.  ``_retiring`` holds the entries a shrink or a drain took out of
+slot is exactly one of idle, in use or connecting, and there are between
+``min_size`` and ``size`` of them, so ``min_size <= len(_entries) +
+_connecting - _to_retire <= size`` (both ``size`` for a fixed pool, the
+default: ``_min_size`` is None).  Only ``_open_slot`` (+1 connecting: at
+start ``min_size`` of them, then for a caller queued in ``_acquire`` while
+an elastic pool is below ``size``, see ``_lifecycle.grow``), ``_add``
+(connecting -> idle or lent; or, while ``_to_retire``, connecting ->
+closed, both -1), ``_close_and_replace`` (in use -> connecting; or, when an
+elastic pool can do without it, ``_lifecycle.replaces``, in use -> closed),
+the maintenance greenlet (``max_idle``: idle -> closed, one per
+``max_idle / 4`` while above ``min_size``), :meth:`close` (everything ->
+nothing), the fork hooks (everything -> ``min_size`` connecting),
+:meth:`resize` (``_lifecycle.py``: +n connecting up to ``min_size``; or
+idle -> closed, connecting -> ``_to_retire``, in use -> ``_retiring``, down
+to the new size) and :meth:`drain`'s swap (a new connection in, an old one
+idle -> closed or in use -> ``_retiring``, without a switch between), like
+rebalancing's ``_take_over`` (``_addresses.py``), change those counts;
+lending and giving back only move an entry in or out of ``_idle``.
+``_retiring`` holds the entries a shrink or a drain took out of
 ``_entries`` while a caller held them: closed, not replaced, when they come
-back.  Open connections number ``size + len(_retiring)`` plus what
+back.  Open connections number at most ``size + len(_retiring)`` plus what
 ``_to_retire`` and a drain's replacements in flight are opening; a drain
 keeps its part of that (``_retiring`` and its replacements in flight) at
 ``max(1, size // 4)`` at most.  An entry is handed to a
@@ -54,7 +62,7 @@ address, and no path that drops an entry updates the book.
 Background greenlets, all named ``geventconnpool <name> <what>``, tracked in
 ``_greenlets``, killed by :meth:`close`, and holding the pool only by weak
 reference: a *connect* greenlet per slot being opened (``_connecting.py``);
-one *maintenance* greenlet when a timed option is set, with the *keepalive*
+one *maintenance* greenlet when a timed option (``max_idle`` too) is set, with the *keepalive*
 checks and the *recycle* closes it starts (``_maintenance.py``); up to
 ``max(1, size // 4)`` *drain* greenlets during a :meth:`drain`
 (``_lifecycle.py``); for a pool made with ``address=``, one *addresses*
@@ -187,7 +195,7 @@ _STOP_NOW = (gevent.Timeout, GreenletExit, KeyboardInterrupt, SystemExit)
 
 
 class ConnectionPool(Generic[C]):
-    """A pool that keeps ``size`` connections open and lends them to greenlets.
+    """A pool that keeps ``size`` connections open (elastic: ``min_size`` to ``size``), lent to greenlets.
 
     Subclass it and override :meth:`_new_connection`; the pool starts opening
     all ``size`` connections in the background as soon as it is made, and
@@ -224,6 +232,17 @@ class ConnectionPool(Generic[C]):
     :param max_waiting: when that many callers already wait in :meth:`get`,
         the next one raises :class:`~geventconnpool.PoolOverloaded` at once
         instead of waiting; ``None`` lets any number wait.
+    :param min_size: makes the pool *elastic*: it opens and keeps only that
+        many connections (an int from 1 to ``size``), and opens one more, up
+        to ``size``, for each caller that has to wait; a connection that
+        breaks or expires is replaced only while fewer than ``min_size`` are
+        open or opening, or callers wait.  ``None`` means ``size``: a fixed pool.
+    :param max_idle: seconds; with ``min_size`` below ``size``, a connection
+        no caller used for that long (keepalive pings do not count) is closed
+        while more than ``min_size`` are open, one at most every ``max_idle / 4``
+        seconds, so that a burst's connections are not all dropped at once.
+        ``None`` keeps them open.  Without such a ``min_size`` it could close
+        nothing, so it raises :exc:`ValueError`.
     :param address: the remote end as a ``(host, port)`` pair, or a list of
         them: the pool resolves each host (:meth:`_resolve`), spreads its
         connections over every address found, routes around an address that
@@ -244,8 +263,8 @@ class ConnectionPool(Generic[C]):
     .. versionchanged:: 1.0
        Added the keyword-only arguments; connections open in parallel at once.
     .. versionchanged:: 1.1
-       Added ``watch_idle``, on by default, ``max_waiting``, and ``address`` with
-       ``resolve_every`` and ``rebalance_every``.
+       Added ``watch_idle``, on by default, ``max_waiting``, ``min_size`` and ``max_idle``,
+       and ``address`` with ``resolve_every`` and ``rebalance_every``.
     """
 
     #: Seconds before the first new attempt after a failed connect; each
@@ -295,11 +314,14 @@ class ConnectionPool(Generic[C]):
         name: Optional[str] = None,
         watch_idle: bool = True,
         max_waiting: Optional[int] = None,
+        min_size: Optional[int] = None,
+        max_idle: Optional[float] = None,
         address: Union[Tuple[str, int], Sequence[Tuple[str, int]], None] = None,
         resolve_every: float = 30.0,
         rebalance_every: float = 10.0,
     ) -> None:
         self._size = _arguments.whole_number(size, "size", minimum=1)
+        self._min_size, self._max_idle = _lifecycle.elastic_options(self._size, min_size, max_idle)
         self._exc_classes = _arguments.exception_classes(exc_classes, "exc_classes")
         self._check_failures: Tuple[Type[BaseException], ...] = (*self._exc_classes, TimeoutError)
         self._keepalive_every = _arguments.seconds(keepalive, "keepalive")
@@ -336,6 +358,7 @@ class ConnectionPool(Generic[C]):
         self._closing: Set[Entry[C]] = set()  # recycled, waiting for a background close
         # Lifecycle control (_lifecycle.py): what resize() and drain() close for good, the explicit leases.
         self._retiring: Set[Entry[C]] = set()  # held, out of _entries, closed when they come back
+        self._shrunk_at = -math.inf  # when maintenance last closed a connection idle past max_idle
         self._to_retire = 0  # of the _connecting slots, those whose connection is closed as it opens
         self._leases: Dict[int, Entry[C]] = {}  # acquire()'s, by id() of the connection
         self._drain: Optional[_lifecycle.Drain[C]] = None  # the latest drain()
@@ -380,15 +403,16 @@ class ConnectionPool(Generic[C]):
         self._orphaned_watchers: List[Any] = []  # in a child: the parent's watchers, kept, stopped
         self._reset_counters()
         # What the options cost: only check_after and leak_warning do anything
-        # when a connection is lent; only keepalive, max_lifetime and
-        # check_after read the clock when one comes back.
-        self._maintained = any(
+        # when a connection is lent; only keepalive, max_lifetime, check_after
+        # and max_idle read the clock when one comes back.
+        self._maintained = self._max_idle is not None or any(
             value is not None
             for value in (self.keepalive, self.max_lifetime, self.check_after, self.leak_warning)
         )
         self._plain_checkout = self.check_after is None and self.leak_warning is None
         self._timed = any(
-            value is not None for value in (self.keepalive, self.max_lifetime, self.check_after)
+            value is not None
+            for value in (self.keepalive, self.max_lifetime, self.check_after, self._max_idle)
         )
         if cls._reset is not ConnectionPool._reset:
             self._entry_class: Type[Entry[C]] = ResettingEntry
@@ -566,22 +590,25 @@ class ConnectionPool(Generic[C]):
         return self._acquire(timeout, _getframe(1) if self._leak_warning is not None else None, entry)
 
     def wait(self, timeout: Optional[float] = None, *, min_open: Optional[int] = None) -> None:
-        """Block until at least ``min_open`` connections are open (all ``size`` by default).
+        """Block until at least ``min_open`` connections are open (``min_size`` by default).
 
         It wakes when the connection that completes the count opens, not by
         polling.  A readiness check, or a worker's start-up, calls it with a
-        ``timeout``.
+        ``timeout``.  A fixed pool's ``min_size`` is its ``size``: all its
+        connections; an elastic pool opens only ``min_size`` until callers
+        have to wait, so more would be reached only under load.
 
         :param timeout: seconds to wait at most; ``None`` waits for ever.
         :param min_open: how many open connections are enough, from 1 to ``size``;
-            ``None`` means ``size``.
+            ``None`` means ``min_size``.
         :raises PoolTimeout: too few opened in time; the message names the last
             connect error, which is also its ``__cause__``.
         :raises PoolClosed: the pool is closed, or closes while it waits.
 
         .. versionadded:: 1.0
         .. versionchanged:: 1.1
-           Added ``min_open``; woken by the connect itself instead of polling every 10 ms.
+           Added ``min_open``; woken by the connect itself instead of polling every 10 ms;
+           waits for ``min_size`` by default.
         """
         wait_open(self, timeout, min_open)  # switches
 
@@ -647,9 +674,15 @@ class ConnectionPool(Generic[C]):
         opened, and closes held ones, for good, when they come back (counted
         in ``stats().retiring`` meanwhile).
 
-        :param size: the new size, an int >= 1.
+        An elastic pool (``min_size`` below ``size``) keeps its ``min_size``:
+        growing opens nothing, it only lets the pool grow further under load,
+        and shrinking closes only what the pool has above the new size.  A
+        fixed pool's ``min_size`` follows its size.
+
+        :param size: the new size, an int >= 1, and >= ``min_size`` for an elastic pool.
         :raises TypeError: ``size`` is not an int.
-        :raises ValueError: ``size`` is below 1.
+        :raises ValueError: ``size`` is below 1, or below an elastic pool's ``min_size``;
+            nothing changes.
         :raises PoolClosed: the pool is closed.
 
         .. versionadded:: 1.1
@@ -798,6 +831,7 @@ class ConnectionPool(Generic[C]):
             overloaded=self._overloaded,
             retiring=len(self._retiring) + self._to_retire,
             retired=self._retired,
+            min_size=self.min_size,
         )
 
     # -- options: read-only, or live ------------------------------------------
@@ -852,6 +886,22 @@ class ConnectionPool(Generic[C]):
         .. versionadded:: 1.1
         """
         return self._max_waiting
+
+    @property
+    def min_size(self) -> int:
+        """How many connections the pool keeps open at least (``size`` unless the pool is elastic); read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._size if self._min_size is None else self._min_size
+
+    @property
+    def max_idle(self) -> Optional[float]:
+        """Seconds after which an idle connection above ``min_size`` is closed, or None; read-only.
+
+        .. versionadded:: 1.1
+        """
+        return self._max_idle
 
     @property
     def last_connect_error(self) -> Optional[BaseException]:
@@ -986,6 +1036,8 @@ class ConnectionPool(Generic[C]):
                     if waited_since is None and self._observers:
                         waited_since = _now()
                     self._waiters.append(waiter)
+                    if len(self._entries) + self._connecting < self._size + self._to_retire:
+                        _lifecycle.grow(self)  # an elastic pool below size: one more for this caller
                     if deadline is not None and deadline < self._timeout_at:
                         self._watch_deadline(deadline)
                     waiter.greenlet = getcurrent()
@@ -1020,7 +1072,8 @@ class ConnectionPool(Generic[C]):
                 self._recycle(entry)  # switches
                 entry = None
                 continue
-            if self._check_after is not None and now - entry.idle_since >= self._check_after:
+            quiet = now - max(entry.idle_since, entry.checked_at)  # since its last use or check
+            if self._check_after is not None and quiet >= self._check_after:
                 # The check may not outlast the caller's deadline, nor may a
                 # run of failed checks (a black-holed remote) go on past it.
                 budget = math.inf if deadline is None else deadline - now
@@ -1142,7 +1195,7 @@ class ConnectionPool(Generic[C]):
                 return False
             self._discard(entry, error, found_by)
             raise
-        entry.idle_since = _now()
+        entry.checked_at = _now()  # not idle_since: a check is no use, for max_idle
         entry.stale = False
         return True
 
@@ -1295,7 +1348,10 @@ class ConnectionPool(Generic[C]):
     def _close_and_replace(
         self, entry: Entry[C], in_background: bool = False, after_failures: int = 0
     ) -> None:
-        """Close a held entry and, unless the pool is closed, start opening its replacement.
+        """Close a held entry and, unless the pool is closed or can do without it, open a replacement.
+
+        An elastic pool does without it while it keeps ``min_size`` open or
+        opening, and as many being opened as callers wait (``_lifecycle.replaces``).
 
         ``in_background`` closes it in a greenlet of its own, for the
         maintenance greenlet and the hub, which must not wait for a slow close.
@@ -1304,7 +1360,7 @@ class ConnectionPool(Generic[C]):
         """
         self._entries.discard(entry)
         unwatch(entry, self._watchers)  # before the socket is closed: its number may be reused at once
-        if not self._closed:
+        if not self._closed and _lifecycle.replaces(self):
             self._open_slot(after_failures)
         if in_background:
             self._closing.add(entry)
@@ -1427,7 +1483,7 @@ class ConnectionPool(Generic[C]):
     # -- background work ------------------------------------------------------
 
     def _start(self) -> None:
-        for _ in range(self._size):
+        for _ in range(self.min_size):
             self._open_slot()
         if self._maintained:
             self._spawn("maintenance", maintenance_loop, self._generation)
@@ -1495,7 +1551,7 @@ class ConnectionPool(Generic[C]):
         self._slots.clear()
         if self._addresses is not None:
             self._addresses.after_fork()
-        self._connecting = self._size  # reopened by the child's first call
+        self._connecting = self.min_size  # reopened by the child's first call
         self._idle_closures = {}
         self._closure_report = None
         self._forked = True

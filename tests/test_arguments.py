@@ -198,3 +198,40 @@ def test_bad_wait_min_open(value, error, leak_check):
     with Minimal(2) as pool, pytest.raises(error, match="min_open"):
         pool.wait(timeout=5, min_open=value)
     leak_check()
+
+
+@pytest.mark.parametrize(
+    ("min_size", "error"),
+    [
+        (0, ValueError),
+        (4, ValueError),
+        (-1, ValueError),
+        (True, TypeError),
+        (2.0, TypeError),
+        ("2", TypeError),
+    ],
+)
+def test_bad_min_size(min_size, error, leak_check):
+    """min_size must be an int from 1 to size: anything else raises at construction, naming 'min_size'."""
+    with pytest.raises(error, match="min_size"):
+        Minimal(3, min_size=min_size)
+    leak_check()
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-1, ValueError), ("1", TypeError), (True, TypeError)]
+)
+def test_bad_max_idle(value, error, leak_check):
+    """max_idle is checked like the other durations, naming 'max_idle'."""
+    with pytest.raises(error, match="max_idle"):
+        Minimal(3, min_size=1, max_idle=value)
+    leak_check()
+
+
+@pytest.mark.parametrize("min_size", [None, 3])
+def test_max_idle_without_a_smaller_min_size_is_a_value_error(min_size, leak_check):
+    """max_idle only closes connections above min_size: with none below size it could do nothing, so it
+    raises a ValueError naming both arguments."""
+    with pytest.raises(ValueError, match=r"max_idle.*min_size"):
+        Minimal(3, min_size=min_size, max_idle=10)
+    leak_check()

@@ -20,6 +20,7 @@ class E:
 
     idle_since: float = 0.0
     expires_at: float = float("inf")
+    checked_at: float = float("-inf")
     lent_at: float = 0.0
     lent_from: Optional[FrameType] = None
     name: str = ""
@@ -105,3 +106,47 @@ def test_leak_warning_names_loans_held_too_long_and_wakes_for_the_next():
     due = plan(100.0, [], held, **options(leak_warning=60.0))
     assert names(due.leaked) == ["leak"]
     assert due.wake_at == 130.0
+
+
+def test_a_ping_restarts_keepalive_and_check_after_but_is_no_use():
+    """A connection last used at 50 and pinged at 95 is due for keepalive at 105 and for check_after at 103:
+    both count from the ping (max_idle counts from the use: see the next tests)."""
+    pinged = E(50, checked_at=95.0, name="pinged")
+    due = plan(100.0, [pinged], [pinged], **options(keepalive=10.0, check_after=8.0))
+    assert due.ping == [] and due.stale == []
+    assert due.wake_at == 103.0
+
+
+A = E(50, checked_at=99.0, name="a")  # pinged at 99, unused since 50: the one unused the longest
+B = E(60, name="b")
+FRESH = E(99, name="fresh")
+
+
+@pytest.mark.parametrize(
+    ("now", "idle", "surplus", "shrunk_at", "shrunk", "wake_at"),
+    [
+        (100.0, [B, A], 2, float("-inf"), ["a"], 102.5),  # a; then b, no sooner than 10 s / 4 later
+        (100.0, [B, A], 1, float("-inf"), ["a"], 110.0),  # one above min_size: nothing more to plan
+        (100.0, [B, A], 0, float("-inf"), [], 110.0),  # at min_size: none is closed, however idle
+        (100.0, [B, A], 2, 99.0, [], 101.5),  # one closed at 99: the next no sooner than 101.5
+        (55.0, [B, A], 2, float("-inf"), [], 60.0),  # a reaches max_idle at 60
+        (102.5, [B, FRESH], 2, 100.0, ["b"], 109.0),  # b as the pace allows; fresh reaches max_idle at 109
+    ],
+)
+def test_max_idle_closes_one_unused_connection_at_a_time_above_min_size(
+    now, idle, surplus, shrunk_at, shrunk, wake_at
+):
+    """max_idle=10: of the connections unused for 10 s, pinged or not, the one unused the longest is closed
+    while the pool has more than min_size (``surplus``), one per 10 / 4 s at most; the wake-up is when
+    the next one is due.
+    """
+    due = plan(now, idle, idle, **options(), max_idle=10.0, surplus=surplus, shrunk_at=shrunk_at)
+    assert names(due.shrink) == shrunk
+    assert due.wake_at == pytest.approx(wake_at)
+
+
+def test_a_connection_closed_for_max_idle_is_not_pinged():
+    """A connection due both for max_idle and for keepalive is closed only; the next one is pinged."""
+    idle = [E(0, name="old"), E(5, name="next")]
+    due = plan(100.0, idle, idle, **options(keepalive=30.0), max_idle=60.0, surplus=1)
+    assert names(due.shrink) == ["old"] and names(due.ping) == ["next"]

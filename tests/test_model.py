@@ -5,9 +5,10 @@ outages, keepalive ticks, resizes, drains and close (with or without a timeout);
 Hypothesis drives a pool of scripted in-memory connections (the pool treats
 connections as black boxes) through random steps, and after every step checks
 the pool against a simple model of what it must hold: holders never share a
-connection, nothing held or idle is closed, the gauges sum to ``size`` while
-the pool is open, the counters agree with the connections made and closed,
-waiters are served first come first served, and a closed pool lends nothing.
+connection, nothing held or idle is closed, the gauges sum to between
+``min_size`` and ``size`` while the pool is open (``size`` for a fixed pool),
+the counters agree with the connections made and closed, waiters are served
+first come first served, and a closed pool lends nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from geventconnpool import Address, ConnectionPool, PoolClosed, _lifecycle
+from geventconnpool import Address, ConnectionPool, PoolClosed
+from geventconnpool._lifecycle import _to_replace, in_flight_limit
 
 KEEPALIVE = 0.02
 
@@ -72,6 +74,16 @@ def pick(data: st.DataObject, choices: List[Holder]) -> Holder:
     return choices[data.draw(st.integers(min_value=0, max_value=5)) % len(choices)]
 
 
+def drain_can_go_on(pool: FakePool) -> bool:
+    """Whether a drain has an old connection left to replace, and room to (not all taken by held ones)."""
+    work = pool._drain
+    return (
+        work is not None
+        and _to_replace(pool, work) > work.in_flight
+        and work.in_flight + len(pool._retiring) < in_flight_limit(pool.size)
+    )
+
+
 class PoolMachine(RuleBasedStateMachine):
     """The pool against the model, one random step at a time."""
 
@@ -87,6 +99,7 @@ class PoolMachine(RuleBasedStateMachine):
         # Broken connections given back while a drain may swap them out first: discarded, or retired.
         self.discards_or_retired = 0
         self.closed = False
+        self.min_size: Optional[int] = None  # as given to the pool: None follows its size
         self.served_at_close = 0
         self.closed_under_holders = False  # close(timeout) closed connections still held
 
@@ -94,14 +107,23 @@ class PoolMachine(RuleBasedStateMachine):
 
     up_is_exact = True  # remote.up says exactly whether a connect can succeed
 
-    @initialize(size=st.integers(min_value=1, max_value=4))
-    def make_pool(self, size: int) -> None:
-        self.pool = self.new_pool(size)
+    @initialize(size=st.integers(min_value=1, max_value=4), min_size=st.none() | st.integers(1, 4))
+    def make_pool(self, size: int, min_size: Optional[int]) -> None:
+        """A fixed pool, or one with a min_size (elastic below size: it grows for waiting callers)."""
+        self.min_size = None if min_size is None else min(min_size, size)
+        self.pool = self.new_pool(size, self.min_size)
         self.pool.wait(timeout=5)
         self._settle()  # wait() returns as the last connect ends; a keepalive check may have begun since
 
-    def new_pool(self, size: int) -> FakePool:
-        return FakePool(size, factory=self.remote.connect, keepalive=KEEPALIVE, timeout=None, name="model")
+    def new_pool(self, size: int, min_size: Optional[int] = None) -> FakePool:
+        return FakePool(
+            size,
+            factory=self.remote.connect,
+            keepalive=KEEPALIVE,
+            timeout=None,
+            name="model",
+            min_size=min_size,
+        )
 
     def _use(self, holder: Holder, c: FakeConn) -> None:
         """What a holder does with its connection: hold it until told, then end as told."""
@@ -184,7 +206,7 @@ class PoolMachine(RuleBasedStateMachine):
         if [c for c in self._idle_conns() if c.broken] or self.pool._checking:
             return False  # (a check of a connection that a shrink or a drain retires is in no gauge)
         if not self._drain_at_rest():
-            return False
+            return False  # a drain worker polls for held old connections: it replaces the next soon
         closed = len([c for c in self.remote.conns if c.closed])
         if not self.closed and closed != s.discarded + s.retired + s.recycled:
             return False  # a retired or moved connection is closed in the background
@@ -200,9 +222,7 @@ class PoolMachine(RuleBasedStateMachine):
             return True
         if work.in_flight:
             return False
-        if not self.remote.up or not _lifecycle._to_replace(self.pool, work):
-            return True
-        return len(self.pool._retiring) >= _lifecycle.in_flight_limit(self.pool.size)
+        return not self.remote.up or not drain_can_go_on(self.pool)
 
     # -- rules ----------------------------------------------------------------------------------
 
@@ -263,8 +283,15 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(size=st.integers(min_value=1, max_value=5))
     def resize(self, size: int) -> None:
-        """The pool is resized: idle connections go first, held ones when they come back."""
+        """The pool is resized: idle connections go first, held ones when they come back; an elastic pool
+        refuses a size below its min_size, and changes nothing."""
         assert self.pool is not None
+        before = self.pool.stats()
+        if self.min_size is not None and size < self.min_size:
+            with pytest.raises(ValueError, match="min_size"):
+                self.pool.resize(size)
+            assert self.pool.stats() == before
+            return
         self.pool.resize(size)
         assert self.pool.stats().size == size
         self._settle()
@@ -421,7 +448,10 @@ class PoolMachine(RuleBasedStateMachine):
         if self.closed:
             assert (s.idle, s.connecting) == (0, 0)
             return
-        assert s.idle + s.in_use + s.connecting == s.size
+        assert s.min_size is not None
+        assert s.min_size <= s.idle + s.in_use + s.connecting <= s.size
+        if s.min_size == s.size:
+            assert s.idle + s.in_use + s.connecting == s.size
         assert s.idle == len(self._idle_conns())
         assert s.opened - s.discarded - s.recycled - s.retired == s.idle + holding
         assert self.discards <= s.discarded - s.keepalive_failures <= self.discards + self.discards_or_retired
@@ -540,13 +570,14 @@ class AddressMachine(PoolMachine):
         super().__init__()
         self.remote: Addresses = Addresses()
 
-    def new_pool(self, size: int) -> FakePool:
+    def new_pool(self, size: int, min_size: Optional[int] = None) -> FakePool:
         return FakeAddressPool(
             size,
             self.remote,
             keepalive=KEEPALIVE,
             timeout=None,
             name="model-addresses",
+            min_size=min_size,
             resolve_every=0.001,
             rebalance_every=0.01,
         )

@@ -18,6 +18,8 @@ READ_ONLY = {
     "check_after": 30.0,
     "leak_warning": 120.0,
     "max_waiting": 5,
+    "min_size": 3,  # a fixed pool's is its size (tests/test_elastic.py pins an elastic pool's)
+    "max_idle": None,
 }
 
 

@@ -41,10 +41,12 @@ def test_stats_is_a_frozen_dataclass_with_the_documented_fields(line_server, lea
             "overloaded",
             "retiring",
             "retired",
+            "min_size",
         }
         with pytest.raises(dataclasses.FrozenInstanceError):
             s.idle = 5  # type: ignore[misc]
-        assert s == PoolStats(2, 2, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0)
+        assert s == PoolStats(2, 2, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0)  # min_size: size, when not given
+        assert s.min_size == 2
     leak_check()
 
 
