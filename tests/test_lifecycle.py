@@ -19,6 +19,20 @@ from test_threads import run_in_real_thread
 from geventconnpool import PoolClosed, PoolTimeout
 
 
+def steady_load(pool: Any, stop: Event, errors: List[BaseException]) -> None:
+    """One caller's steady load: PING every millisecond, at most 2,000 times, until ``stop`` is set; the
+    first error ends it, in ``errors``."""
+    for _ in range(2000):
+        if stop.is_set():
+            return
+        try:
+            assert request(pool, b"PING") == b"PONG"
+        except BaseException as error:
+            errors.append(error)
+            return
+        gevent.sleep(0.001)
+
+
 def talk(c: Any, command: bytes = b"PING") -> bytes:
     c.sendall(command + b"\n")
     return recv_line(c)
@@ -402,15 +416,7 @@ def test_drain_under_load_replaces_every_connection_within_its_bound(leak_check)
         most = [0]
 
         def load() -> None:
-            for _ in range(2000):
-                if stop.is_set():
-                    return
-                try:
-                    assert request(pool, b"PING") == b"PONG"
-                except BaseException as error:
-                    errors.append(error)
-                    return
-                gevent.sleep(0.001)
+            steady_load(pool, stop, errors)
 
         def sample() -> None:
             while not stop.is_set():
@@ -509,15 +515,7 @@ def test_resize_both_ways_under_load(line_server, leak_check):
         errors: List[BaseException] = []
 
         def load() -> None:
-            for _ in range(2000):
-                if stop.is_set():
-                    return
-                try:
-                    assert request(pool, b"PING") == b"PONG"
-                except BaseException as error:
-                    errors.append(error)
-                    return
-                gevent.sleep(0.001)
+            steady_load(pool, stop, errors)
 
         workers = [gevent.spawn(load) for _ in range(8)]
         for size in (8, 2, 6, 1, 3):
