@@ -22,7 +22,8 @@ pool is down only when every address is in backoff.
 
 The pool's *addresses* greenlet (:func:`rebalance_loop`) wakes every
 ``rebalance_every`` seconds: it resolves if the answer is due, closes the
-idle connections to addresses that left the answer, and, when
+idle connections to addresses that left the answer (a held one is closed
+when it comes back), and, when
 :func:`plan_move` says the spread is off by more than one, moves one idle
 connection: :func:`move_connection` opens the new connection first, while
 the old one stays in the pool, then swaps them (make before break).
@@ -39,7 +40,6 @@ from collections import Counter
 from typing import (
     Any,
     Callable,
-    Deque,
     Dict,
     Iterable,
     List,
@@ -58,6 +58,7 @@ from gevent.event import Event
 
 from geventconnpool import _arguments
 from geventconnpool._lease import Entry
+from geventconnpool._lifecycle import LifecyclePool, recycle_when_back
 from geventconnpool._outage import OutageLog
 
 C = TypeVar("C")
@@ -395,28 +396,20 @@ class Move(NamedTuple):
     target: Address
 
 
-class RebalancedPool(ConnectingToAddresses, Protocol[C]):
-    """What rebalancing uses of the pool: the private contract of its greenlets."""
+class RebalancedPool(ConnectingToAddresses, LifecyclePool[C], Protocol[C]):
+    """What rebalancing uses of the pool, besides what lifecycle control uses: its greenlets' contract."""
 
     @property
     def rebalance_every(self) -> float: ...
 
-    _generation: int
-    _closed: bool
     _addresses: Optional[AddressBook]
-    _idle: Deque[Entry[C]]
-    _entries: Set[Entry[C]]
-    _opened: int  # the stats' counters
     _recycled: int
 
     def _connect(self, address: Address) -> C: ...
-    def _leave_idle(self, entry: Entry[C]) -> None: ...
     def _close_and_replace(
         self, entry: Entry[C], in_background: bool = False, after_failures: int = 0
     ) -> None: ...
-    def _spawn(self, what: str, loop: Callable[..., None], *args: Any) -> None: ...
     def _stopping(self) -> bool: ...
-    def _close_quietly(self, conn: C, in_background: bool = False) -> None: ...
     def _take_over(self, entry: Entry[C], conn: C, address: Address) -> None: ...
 
 
@@ -445,7 +438,11 @@ def rebalance_loop(pool_ref: weakref.ref[RebalancedPool[Any]], generation: int) 
 
 
 def rebalance(pool: RebalancedPool[Any]) -> None:
-    """Resolve if due; retire the idle connections to addresses that left the answer; start one move."""
+    """Resolve if due; retire the connections to addresses that left the answer; start one move.
+
+    Idle ones are closed now, held ones when they come back; each is replaced
+    on the addresses of the answer.
+    """
     book = pool._addresses
     assert book is not None
     try:
@@ -460,6 +457,8 @@ def rebalance(pool: RebalancedPool[Any]) -> None:
         pool._recycled += 1
         pool._leave_idle(entry)
         pool._close_and_replace(entry, in_background=True)
+    for entry in [e for e in pool._entries if e.address not in current]:  # held: not idle any more
+        recycle_when_back(pool, entry, f"its address {entry.address} left the answer")
     now = pool._loop.now()
     load: Counter[Address] = Counter(e.address for e in pool._entries if e.address is not None)
     load.update(book.opening)

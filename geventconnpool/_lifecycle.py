@@ -18,15 +18,31 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Generic, List, Optional, Protocol, Set, Tuple, Type, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    List,
+    Optional,
+    Protocol,
+    Set,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 import gevent
 
 from geventconnpool import _arguments
-from geventconnpool._addresses import Address
 from geventconnpool._lease import ENTERED, ORPHANAGE, ClosingIdle, Entry, Waiter
 from geventconnpool._maintenance import retire_now
 from geventconnpool._watching import unwatch
+
+if TYPE_CHECKING:
+    from geventconnpool._addresses import Address
 
 C = TypeVar("C")
 
@@ -74,6 +90,7 @@ class LifecyclePool(Protocol[C]):
         unexpected: bool = ...,
         in_background: bool = ...,
     ) -> None: ...
+    def _recycle(self, entry: Entry[C], in_background: bool = False, why: str = ...) -> None: ...
     def _check_thread_and_fork(self) -> None: ...
     def _close_quietly(self, conn: C, in_background: bool = False) -> None: ...
     def _leave_idle(self, entry: Entry[C]) -> None: ...
@@ -266,6 +283,16 @@ def _retire_later(pool: LifecyclePool[C], entry: Entry[C]) -> None:
 def _retire_returned(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     pool._retiring.discard(entry)
     retire_now(pool, entry)
+
+
+def recycle_when_back(pool: LifecyclePool[C], entry: Entry[C], why: str) -> None:
+    """Have a held entry closed and replaced when it comes back, rather than kept; ``why`` goes to the log."""
+    if at_home(entry, pool):  # else it is closed when it comes back already (discarded, retired, drained)
+        entry.pool = Diverted(pool, functools.partial(_recycle_returned, pool, why))
+
+
+def _recycle_returned(pool: LifecyclePool[C], why: str, entry: Entry[C]) -> None:
+    pool._recycle(entry, why=why)  # switches
 
 
 def retire_new(pool: LifecyclePool[C], conn: C) -> bool:

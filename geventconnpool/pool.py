@@ -1339,10 +1339,13 @@ class ConnectionPool(Generic[C]):
                 logger.warning("pool %r: discarding a connection: %s raised %r", self.name, found_by, error)
         self._close_and_replace(entry, in_background)
 
-    def _recycle(self, entry: Entry[C], in_background: bool = False) -> None:
-        """A held entry reached its lifetime: count it, close it and open its replacement."""
-        self._recycled += 1
-        logger.debug("pool %r: recycling a connection that reached max_lifetime", self.name)
+    def _recycle(
+        self, entry: Entry[C], in_background: bool = False, why: str = "it reached max_lifetime"
+    ) -> None:
+        """A held entry must not be kept (its lifetime ended): count it, close it and open its replacement."""
+        if not self._closed:
+            self._recycled += 1
+            logger.debug("pool %r: recycling a connection: %s", self.name, why)
         self._close_and_replace(entry, in_background)
 
     def _close_and_replace(

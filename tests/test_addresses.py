@@ -16,7 +16,7 @@ import gevent
 import pytest
 from doubles import FastReconnect
 from gevent import socket
-from helpers import LineServer, local_port, raise_in_block, request, wait_until
+from helpers import LineServer, local_port, raise_in_block, recv_line, request, wait_until
 
 from geventconnpool import Address, ConnectionPool, PoolTimeout, PoolUnavailable
 from geventconnpool._addresses import AddressBook, Move, plan_move
@@ -490,9 +490,9 @@ def test_a_new_address_gets_its_share_one_move_per_period_with_no_caller_error(s
     leak_check()
 
 
-def test_connections_to_an_address_that_left_the_answer_retire_when_idle(servers, leak_check):
+def test_connections_to_an_address_that_left_the_answer_retire_when_idle_or_back(servers, leak_check):
     """Once the name stops resolving to an address, its idle connections are closed and replaced on the
-    others; one held by a caller is left alone until it comes back."""
+    others; one held by a caller is left alone until it comes back, and closed on its way back."""
     port = servers[0].port
     with FastAddressPool(4, port, IPS[:2], resolve_every=0.05, rebalance_every=0.05) as pool:
         pool.wait(timeout=5)
@@ -506,7 +506,10 @@ def test_connections_to_an_address_that_left_the_answer_retire_when_idle(servers
         pool.answer = IPS[:1]
         wait_until(lambda: counts(pool) == [3, 1], message=lambda: str(counts(pool)))
         assert servers[1].closed >= 1
+        conns[held].sendall(b"PING\n")
+        assert recv_line(conns[held]) == b"PONG"  # the holder is left alone
         leases[held].__exit__(None, None, None)
+        assert conns[held].fileno() == -1  # closed as it came back, not kept for the next caller
         wait_until(lambda: counts(pool) == [4], message=lambda: str(counts(pool)))
         assert list(pool.connections_by_address()) == [Address(NAME, port, IPS[0])]
         assert pool.stats().recycled == 2
