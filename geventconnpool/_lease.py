@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import deque
 from types import FrameType, TracebackType
 from typing import (
@@ -67,10 +68,6 @@ def breaks(exc_type: Type[BaseException], exc_classes: Tuple[Type[BaseException]
     if not issubclass(exc_type, Exception):
         return True
     return issubclass(exc_type, exc_classes) and not issubclass(exc_type, PoolError)
-
-
-def _no_socket() -> int:
-    return -1
 
 
 def _nothing() -> None:
@@ -134,15 +131,15 @@ class Entry(Generic[C]):
         "conn",
         "expires_at",
         "fd",
-        "fileno",
         "idle_since",
         "lent_at",
         "lent_from",
         "lent_lasti",
         "loan",
-        "on_readable",
         "opened_at",
         "pool",
+        "raw",
+        "ref",
         "sock",
         "stale",
         "watcher",
@@ -162,14 +159,16 @@ class Entry(Generic[C]):
         self.stale = False  # idle past check_after: get() checks it before lending it
         self.loan: Optional[bool] = IN_POOL
         # watch_idle (see _watching.py): the hub's watcher on the socket, active
-        # while the entry is idle, its callback, and the socket and descriptor
-        # it was made for; no watcher for a connection without a socket.
+        # while the entry is idle; the socket and descriptor it was made for,
+        # and what tells whether the socket still has that descriptor; the
+        # entry's weak reference, for the watcher's callback.  No watcher for
+        # a connection without a socket.
         self.watcher: Any = None
         self.watching = NEVER
-        self.on_readable: Optional[Callable[[], None]] = None
         self.sock: Any = None
         self.fd = -1
-        self.fileno: Callable[[], int] = _no_socket
+        self.raw: Any = None
+        self.ref: Optional[weakref.ref[Entry[C]]] = None
 
     def __enter__(self) -> C:
         if self.loan is not True:  # LENT

@@ -36,7 +36,6 @@ in one line.
 from __future__ import annotations
 
 import _socket
-import functools
 import logging
 import ssl
 import time
@@ -170,13 +169,14 @@ def watch(entry: Entry[Any], sock: Any, loop: Any, watchers: Set[Any]) -> None:
         return
     entry.sock = sock
     entry.fd = fd
-    # Asked before each start: the C socket's own fileno() where gevent's
-    # socket wraps one (its _sock), not the Python method around it.
+    # Asked for its fileno() before each start: the C socket where gevent's
+    # socket wraps one (its _sock), whose method is cheaper than the Python one around it.
     raw = getattr(sock, "_sock", None)
-    entry.fileno = raw.fileno if isinstance(raw, _socket.socket) else sock.fileno
+    entry.raw = raw if isinstance(raw, _socket.socket) else sock
     entry.watcher = loop.io(fd, 1, ref=False)  # ref=False: idle connections never keep the loop alive
     entry.watching = UNWATCHED
-    entry.on_readable = functools.partial(readable, weakref.ref(entry))
+    # Weak: an active watcher is kept alive by the loop, and must not keep the entry (and its pool) alive.
+    entry.ref = weakref.ref(entry)
     watchers.add(entry.watcher)
 
 
@@ -184,7 +184,7 @@ def unwatch(entry: Entry[Any], watchers: Set[Any]) -> None:
     """Stop and release the entry's watcher, before its socket is closed."""
     watcher = entry.watcher
     if watcher is not None:
-        entry.watcher = entry.on_readable = None
+        entry.watcher = None
         entry.watching = NEVER
         watchers.discard(watcher)
         watcher.stop()
@@ -210,8 +210,8 @@ def start_watchers(pool_ref: weakref.ref[WatchingPool[Any]]) -> None:
                 continue  # taken out of the pool meanwhile, or watched already
             if entry.loan is not IN_POOL:
                 entry.watching = UNWATCHED  # lent meanwhile: watched again when it comes back
-            elif entry.fileno() == entry.fd:
-                entry.watcher.start(entry.on_readable)
+            elif entry.raw.fileno() == entry.fd:
+                entry.watcher.start(readable, entry.ref)
                 entry.watching = WATCHED
             else:  # closed, or replaced, during its last loan
                 pool._idle.remove(entry)

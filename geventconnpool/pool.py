@@ -1533,7 +1533,8 @@ class ConnectionPool(Generic[C]):
             entry.pool = ORPHANAGE
             if entry.watcher is not None:
                 self._orphaned_watchers.append(entry.watcher)
-                entry.watcher = entry.on_readable = None  # their callbacks do nothing now
+                entry.watcher = None
+                entry.watching = NEVER  # their callbacks do nothing now
         self._to_watch.clear()
         self._watchers.clear()
         # Not now: until gevent reinitialises the loop of this child, its

@@ -25,7 +25,7 @@ import gevent.socket
 import pytest
 from doubles import FastRedisPool
 from gevent import socket
-from helpers import LinePool, LineServer, recv_line, request, wait_until
+from helpers import LinePool, LineServer, recv_line, request, starting_a_program, wait_until
 from misbehaving_server import MisbehavingServer
 from nginx_server import HttpsPool, get
 from redis_server import RedisPool, echo, needs_redis
@@ -474,7 +474,8 @@ def test_a_pool_dropped_without_close_stops_its_watchers_before_its_sockets_clos
             """
         )
     )
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    with starting_a_program():
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "survived"
 
