@@ -7,15 +7,37 @@ what they lack.  The Prometheus name of each is its OpenTelemetry name with
 the ``db.client.connection.`` or ``geventconnpool.connection.`` prefix
 replaced by ``geventconnpool_connection_`` (and dots by underscores):
 ``prometheus_client`` adds ``_total`` to counters and the exporter
-``_seconds`` to histograms.
+``_seconds`` to histograms.  :data:`ADDRESS_COUNT`, read from
+:meth:`~geventconnpool.ConnectionPool.connections_by_address`, has one series
+per address, with the semantic conventions' ``server.*`` and
+``network.peer.address`` attributes (the Prometheus labels ``host``,
+``port`` and ``ip``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Protocol,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
+from geventconnpool._addresses import Address
 from geventconnpool._stats import PoolStats
+
+if TYPE_CHECKING:
+    import weakref
+
+    from geventconnpool.pool import ConnectionPool
 
 #: The histograms' bucket boundaries, in seconds (for OpenTelemetry, advice that a View overrides).
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -54,6 +76,60 @@ class Duration:
     def prometheus(self) -> str:
         """The Prometheus name, with its unit."""
         return prometheus_name(self.name) + "_seconds"
+
+
+@dataclass(frozen=True)
+class AddressFigure:
+    """A gauge of each address of the pool's remote end, read from ``connections_by_address()``."""
+
+    name: str
+    unit: str
+    description: str
+
+    @property
+    def prometheus(self) -> str:
+        """The Prometheus name."""
+        return prometheus_name(self.name)
+
+    #: The Prometheus labels after ``pool``, in the order of :meth:`labels`.
+    LABELS = ("host", "port", "ip")
+
+    @staticmethod
+    def labels(address: Address) -> Tuple[str, str, str]:
+        """The Prometheus label values of ``address`` (the port as its decimal string)."""
+        return (address.host, str(address.port), address.ip)
+
+    @staticmethod
+    def attributes(address: Address) -> Dict[str, Union[str, int]]:
+        """The OpenTelemetry attributes of ``address``, as the semantic conventions name them."""
+        return {
+            "server.address": address.host,
+            "server.port": address.port,
+            "network.peer.address": address.ip,
+        }
+
+
+class Exporter(Protocol):
+    """What :func:`open_pools` reads of an exporter's record of one pool."""
+
+    @property
+    def pool_ref(self) -> weakref.ref[ConnectionPool[Any]]: ...
+
+
+E = TypeVar("E", bound=Exporter)
+
+
+def open_pools(exporters: List[E]) -> Iterator[Tuple[E, ConnectionPool[Any]]]:
+    """Each exporter of ``exporters`` whose pool is open, with its pool, to read now.
+
+    An exporter whose pool was garbage-collected without ``close()`` is removed from the list.
+    """
+    for exporter in list(exporters):
+        pool = exporter.pool_ref()
+        if pool is None:
+            exporters.remove(exporter)
+        elif not pool.closed:
+            yield exporter, pool
 
 
 def prometheus_name(name: str) -> str:
@@ -170,6 +246,12 @@ FIGURES: Tuple[Figure, ...] = (
         "The number of get() calls refused at once with PoolOverloaded, because max_waiting callers waited.",
         lambda s: s.overloaded,
     ),
+)
+
+ADDRESS_COUNT = AddressFigure(
+    "geventconnpool.connection.address.count",
+    _CONNECTIONS,
+    "The number of open connections to each address of the pool's remote end.",
 )
 
 CREATE_TIME = Duration(

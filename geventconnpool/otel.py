@@ -93,6 +93,12 @@ clock on every checkout, is off unless asked for.  Every instrument carries
      - Counter
      - ``{request}``
      - ``overloaded``
+   * - ``geventconnpool.connection.address.count``
+     - UpDownCounter
+     - ``{connection}``
+     - each value of :meth:`~geventconnpool.ConnectionPool.connections_by_address`,
+       with ``server.address`` = its ``host``, ``server.port`` = its ``port``
+       and ``network.peer.address`` = its ``ip`` (a pool made with ``address=`` only)
 
 The UpDownCounters and Counters are observable (asynchronous) instruments.
 ``wait_time`` leaves out the callers served at once, which took no time to
@@ -111,6 +117,7 @@ from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvid
 
 from geventconnpool import _arguments
 from geventconnpool._figures import (
+    ADDRESS_COUNT,
     BUCKETS,
     CREATE_TIME,
     FIGURES,
@@ -120,6 +127,7 @@ from geventconnpool._figures import (
     WAIT_TIME,
     Duration,
     Figure,
+    open_pools,
 )
 from geventconnpool._observing import observe, unobserve
 from geventconnpool._version import __version__
@@ -177,17 +185,17 @@ class _MeterState:
                 else meter.create_observable_counter
             )
             create(name, callbacks=[self._reader(figures)], unit=first.unit, description=first.description)
+        meter.create_observable_up_down_counter(
+            ADDRESS_COUNT.name,
+            callbacks=[self._read_addresses],
+            unit=ADDRESS_COUNT.unit,
+            description=ADDRESS_COUNT.description,
+        )
 
     def _reader(self, figures: List[Figure]) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def read(options: CallbackOptions) -> Iterable[Observation]:
             observations = []
-            for exporter in list(self.exporters):
-                pool = exporter.pool_ref()
-                if pool is None:  # collected without close()
-                    self.exporters.remove(exporter)
-                    continue
-                if pool.closed:
-                    continue
+            for exporter, pool in open_pools(self.exporters):
                 stats = pool.stats()
                 for figure in figures:
                     attributes = exporter.attributes
@@ -197,6 +205,13 @@ class _MeterState:
             return observations
 
         return read
+
+    def _read_addresses(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {**exporter.attributes, **ADDRESS_COUNT.attributes(address)})
+            for exporter, pool in open_pools(self.exporters)
+            for address, count in pool.connections_by_address().items()
+        ]
 
     def histogram(self, duration: Duration) -> Histogram:
         """The histogram of ``duration``, registered on first use."""

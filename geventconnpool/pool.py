@@ -70,7 +70,7 @@ greenlet that keeps the resolution fresh and the spread even, with the
 *rebalance* moves it starts (``_addresses.py``).
 
 Observers.  The metrics exporters (``otel.py``, ``prometheus.py``) read
-``stats()`` when collected; in ``_observers`` they hear only durations, and
+``stats()`` and ``connections_by_address()`` when collected; in ``_observers`` they hear only durations, and
 only on slow paths: a connect (``_connecting.py``) and a wait in
 ``_acquire``.  One that wants how long connections are held makes the pool
 lend *measured* entries instead (``_observing.py``); :meth:`close` tells
@@ -807,7 +807,9 @@ class ConnectionPool(Generic[C]):
         """
         if self._addresses is None:
             return {}
-        return self._addresses.by_address(e.address for e in self._entries)
+        # A copy first (one C call, atomic under the GIL): a metrics exporter may call this from a
+        # thread of its own (a periodic reader, an HTTP server), while the pool's thread changes the set.
+        return self._addresses.by_address(e.address for e in list(self._entries))
 
     def stats(self) -> PoolStats:
         """Return a :class:`PoolStats` snapshot of the gauges and counters.

@@ -14,6 +14,10 @@ one with a ``pool`` label (the pool's :attr:`~geventconnpool.ConnectionPool.name
 - gauges ``geventconnpool_connection_count`` (label ``state`` = ``idle`` or
   ``used``), ``_max``, ``_idle_max``, ``_idle_min``, ``_pending_requests``,
   ``_connecting``;
+- gauge ``geventconnpool_connection_address_count``, for a pool made with
+  ``address=``: the open connections to each address
+  (:meth:`~geventconnpool.ConnectionPool.connections_by_address`), with the
+  labels ``host``, ``port`` and ``ip`` besides ``pool``;
 - counters ``geventconnpool_connection_timeouts_total``, ``_checkouts_total``,
   ``_opened_total``, ``_failed_connects_total``, ``_discarded_total``,
   ``_recycled_total``, ``_closed_while_idle_total``, ``_keepalive_failures_total``, ``_overloaded_total``;
@@ -27,7 +31,9 @@ at each scrape.  In ``prometheus_client``'s multiprocess mode
 where custom collectors are not allowed, a greenlet of the exporter's sets
 the gauges (``multiprocess_mode="livesum"``: a scrape shows the sum over the
 live workers) and increments the counters by what ``stats()`` gained, every
-:data:`INTERVAL` seconds: never on the checkout path.  With ``gunicorn
+:data:`INTERVAL` seconds: never on the checkout path.  An address that left
+the pool's answer, with no connection to it left open, is set to 0 once and
+then left alone; closing the pool sets all its gauges to 0.  With ``gunicorn
 --preload``, call :func:`instrument` in a ``post_fork`` hook, so that each
 worker exports its own pool and the master, which lives on, exports nothing.
 
@@ -46,7 +52,18 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from geventconnpool import _arguments
-from geventconnpool._figures import BUCKETS, CREATE_TIME, FIGURES, USE_TIME, WAIT_TIME, Duration, Figure
+from geventconnpool._addresses import Address
+from geventconnpool._figures import (
+    ADDRESS_COUNT,
+    BUCKETS,
+    CREATE_TIME,
+    FIGURES,
+    USE_TIME,
+    WAIT_TIME,
+    Duration,
+    Figure,
+    open_pools,
+)
 from geventconnpool._observing import observe, unobserve
 from geventconnpool._stats import PoolStats
 from geventconnpool.pool import ConnectionPool
@@ -80,6 +97,7 @@ class _Exporter:
         # shows every one from the start, and what the counters were given so far.
         self.series: Dict[Figure, Any] = {}
         self.counted: Dict[Figure, int] = {}
+        self.addresses: List[Address] = []  # those with a series, to zero when they leave
         if state.multiprocess:
             for figure in FIGURES:
                 self.series[figure] = state.series_of(figure, self.name)
@@ -103,6 +121,7 @@ class _Exporter:
             for figure in FIGURES:
                 if figure.kind == "gauge":  # this pool no longer holds any connection
                     self.series[figure].set(0)
+            self.publish_addresses({})
         else:
             for histogram in self.state.histograms.values():
                 histogram.remove(self.name)  # nothing if it has no series of this pool
@@ -121,6 +140,16 @@ class _Exporter:
                 series.inc(gained)
             self.counted[figure] = value
 
+    def publish_addresses(self, by_address: Dict[Address, int]) -> None:
+        """Multiprocess mode: set the gauge of each address, and 0 once for those no longer there."""
+        gauge = self.state.gauges[ADDRESS_COUNT.name]
+        for address in self.addresses:
+            if address not in by_address:
+                gauge.labels(self.name, *ADDRESS_COUNT.labels(address)).set(0)
+        for address, count in by_address.items():
+            gauge.labels(self.name, *ADDRESS_COUNT.labels(address)).set(count)
+        self.addresses = list(by_address)
+
 
 def _publish_loop(exporter_ref: weakref.ref[_Exporter]) -> None:
     """Multiprocess mode: publish the pool's figures every INTERVAL, until it or the exporter is gone."""
@@ -133,6 +162,7 @@ def _publish_loop(exporter_ref: weakref.ref[_Exporter]) -> None:
             return
         try:
             exporter.publish(pool.stats())
+            exporter.publish_addresses(pool.connections_by_address())
         except Exception:
             logger.exception("pool %r: could not update its Prometheus metrics", pool.name)
         del exporter, pool
@@ -166,6 +196,13 @@ class _RegistryState:
                     self.counters[figure.name] = Counter(
                         figure.prometheus, figure.description, ["pool"], registry=registry
                     )
+            self.gauges[ADDRESS_COUNT.name] = Gauge(
+                ADDRESS_COUNT.prometheus,
+                ADDRESS_COUNT.description,
+                ["pool", *ADDRESS_COUNT.LABELS],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
         else:
             registry.register(_Collector(self))
 
@@ -202,17 +239,15 @@ class _Collector:
 
     def collect(self) -> Iterable[Metric]:
         families = self._families()
-        for exporter in list(self.state.exporters):
-            pool = exporter.pool_ref()
-            if pool is None:  # collected without close()
-                self.state.exporters.remove(exporter)
-                continue
-            if pool.closed:
-                continue
+        for exporter, pool in open_pools(self.state.exporters):
             stats = pool.stats()
             for figure in FIGURES:
                 labels = [exporter.name] if figure.state is None else [exporter.name, figure.state]
                 families[figure.name].add_metric(labels, figure.read(stats))
+            for address, count in pool.connections_by_address().items():
+                families[ADDRESS_COUNT.name].add_metric(
+                    [exporter.name, *ADDRESS_COUNT.labels(address)], count
+                )
         return list(families.values())
 
     def _families(self) -> Dict[str, Any]:
@@ -229,6 +264,9 @@ class _Collector:
                 families[figure.name] = CounterMetricFamily(
                     figure.prometheus, figure.description, labels=["pool"]
                 )
+        families[ADDRESS_COUNT.name] = GaugeMetricFamily(
+            ADDRESS_COUNT.prometheus, ADDRESS_COUNT.description, labels=["pool", *ADDRESS_COUNT.LABELS]
+        )
         return families
 
 

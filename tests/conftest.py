@@ -17,7 +17,7 @@ import warnings
 
 import gevent
 import pytest
-from doubles import LogCapture
+from doubles import IPS, LogCapture
 from faultproxy import FaultProxy
 from haproxy_server import HAPROXY, HAProxy, haproxy_available
 from helpers import FORK_WARNING, LineServer, open_fds, pool_greenlets, serving
@@ -81,6 +81,21 @@ def fork_warnings_fail():
 def line_server():
     """A real line-protocol server on a free loopback port (PING, ECHO, QUIT, ...)."""
     yield from serving(LineServer())
+
+
+@pytest.fixture
+def servers():
+    """Four line servers, on 127.0.0.2 to 127.0.0.5 (doubles.IPS), all on one port: one name's addresses."""
+    started = []
+    try:
+        for ip in IPS[:4]:
+            server = LineServer(started[0].port if started else 0, host=ip)
+            server.start()
+            started.append(server)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture

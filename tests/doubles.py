@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import pytest
@@ -18,7 +19,7 @@ from gevent.event import Event
 from helpers import LinePool, LineServer, recv_line, request, wait_until
 from redis_server import ProtocolError, TrackingPool
 
-from geventconnpool import ConnectionPool, PoolTimeout
+from geventconnpool import Address, ConnectionPool, PoolTimeout
 
 # -- quick reconnects -------------------------------------------------------------------------------
 
@@ -194,6 +195,83 @@ FLAVOURS: Dict[str, Dict[str, float]] = {
     "leak_warning": {"leak_warning": 60},
     "max_lifetime": {"max_lifetime": 600},
 }
+
+
+# -- many servers behind one name ---------------------------------------------------------------------
+
+#: The loopback addresses of the ``servers`` fixture (Linux routes all of 127/8 to lo), and the name
+#: that AddressPool resolves to the ones its test chooses.
+IPS = [f"127.0.0.{n}" for n in range(2, 10)]
+NAME = "backend.test"
+
+
+class AddressPool(ConnectionPool[socket.socket]):
+    """A pool of sockets to ``backend.test``, which resolves to whatever the test puts in ``answer``.
+
+    ``answer`` is a list of IPs, or an exception to raise; ``resolutions`` counts the calls of _resolve.
+    """
+
+    def __init__(self, size: int, port: int, answer: List[str], **kwargs: Any) -> None:
+        self.answer: Union[List[str], BaseException] = answer
+        self.resolutions = 0
+        kwargs.setdefault("address", (NAME, port))
+        super().__init__(size, **kwargs)
+
+    def _resolve(self, host: str, port: int) -> List[str]:
+        self.resolutions += 1
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return list(self.answer)
+
+    def _connect(self, address: Address) -> socket.socket:
+        return socket.create_connection((address.ip, address.port), timeout=5)
+
+
+class FastAddressPool(FastReconnect, AddressPool):
+    """An AddressPool whose addresses come out of backoff within milliseconds."""
+
+
+@contextmanager
+def instrumented_pools(
+    servers: List[LineServer],
+    line_server: LineServer,
+    instrument: Callable[[ConnectionPool[Any]], None],
+    size: int,
+) -> Iterator[Tuple[FastAddressPool, LinePool]]:
+    """Two instrumented pools for the metrics exporters' tests, closed at the end of the block.
+
+    A FastAddressPool of ``size`` named "spread" over the first two of ``servers``, which resolves again
+    and rebalances every 0.05 s, and a LinePool of 1 without address named "plain", open already.
+    """
+    port = servers[0].port
+    with (
+        FastAddressPool(size, port, IPS[:2], name="spread", resolve_every=0.05, rebalance_every=0.05) as pool,
+        LinePool(line_server, 1, name="plain") as plain,
+    ):
+        instrument(pool)
+        instrument(plain)
+        plain.wait(timeout=5)
+        yield pool, plain
+
+
+def exported_addresses_follow(pool: AddressPool, exported: Callable[[], Dict[Address, int]]) -> None:
+    """Check that an exporter follows a pool of 6 over two addresses that rebalances quickly.
+
+    ``exported()`` is what the exporter publishes of the pool's connections per address.  It must equal
+    ``connections_by_address()``: 3 and 3, then 2, 2 and 2 once the name resolves to a third address too.
+    """
+    assert pool.size == 6 and pool.answer == IPS[:2]
+
+    def agrees(spread: List[int]) -> bool:
+        by_address = pool.connections_by_address()
+        return exported() == by_address and sorted(by_address.values()) == spread
+
+    def disagreement() -> str:
+        return f"exported {exported()}, connections_by_address() {pool.connections_by_address()}"
+
+    wait_until(lambda: agrees([3, 3]), message=disagreement)
+    pool.answer = IPS[:3]
+    wait_until(lambda: agrees([2, 2, 2]), timeout=10, message=disagreement)
 
 
 # -- retry's subject ---------------------------------------------------------------------------------------

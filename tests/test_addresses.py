@@ -2,7 +2,8 @@
 addresses, and routing around a dead one.
 
 The servers are LineServers on several loopback addresses (127.0.0.2 ... 127.0.0.9: Linux routes all
-of 127/8 to lo) with one port; the pools' ``_resolve`` returns the answer the test sets.
+of 127/8 to lo) with one port (the ``servers`` fixture); the pools' ``_resolve`` returns the answer the
+test sets (doubles.AddressPool).
 """
 
 from __future__ import annotations
@@ -10,60 +11,16 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Iterator, List, Optional, Set, Union
+from typing import Any, List, Optional, Set
 
 import gevent
 import pytest
-from doubles import FastReconnect
+from doubles import IPS, NAME, AddressPool, FastAddressPool, FastReconnect
 from gevent import socket
 from helpers import LineServer, local_port, raise_in_block, recv_line, request, wait_until
 
 from geventconnpool import Address, ConnectionPool, PoolTimeout, PoolUnavailable
 from geventconnpool._addresses import AddressBook, Move, plan_move
-
-IPS = [f"127.0.0.{n}" for n in range(2, 10)]
-NAME = "backend.test"
-
-
-@pytest.fixture
-def servers() -> Iterator[List[LineServer]]:
-    """Four line servers, on 127.0.0.2 to 127.0.0.5, all on one port."""
-    started: List[LineServer] = []
-    try:
-        for ip in IPS[:4]:
-            server = LineServer(started[0].port if started else 0, host=ip)
-            server.start()
-            started.append(server)
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-
-
-class AddressPool(ConnectionPool[socket.socket]):
-    """A pool of sockets to ``backend.test``, which resolves to whatever the test puts in ``answer``.
-
-    ``answer`` is a list of IPs, or an exception to raise; ``resolutions`` counts the calls of _resolve.
-    """
-
-    def __init__(self, size: int, port: int, answer: List[str], **kwargs: Any) -> None:
-        self.answer: Union[List[str], BaseException] = answer
-        self.resolutions = 0
-        kwargs.setdefault("address", (NAME, port))
-        super().__init__(size, **kwargs)
-
-    def _resolve(self, host: str, port: int) -> List[str]:
-        self.resolutions += 1
-        if isinstance(self.answer, BaseException):
-            raise self.answer
-        return list(self.answer)
-
-    def _connect(self, address: Address) -> socket.socket:
-        return socket.create_connection((address.ip, address.port), timeout=5)
-
-
-class FastAddressPool(FastReconnect, AddressPool):
-    """An AddressPool whose addresses come out of backoff within milliseconds."""
 
 
 def break_one_on(pool: ConnectionPool[socket.socket], ip: str) -> None:

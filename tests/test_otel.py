@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 import pytest
-from doubles import FastLinePool, metrics_workload
+from doubles import IPS, NAME, FastLinePool, exported_addresses_follow, instrumented_pools, metrics_workload
 from helpers import LinePool, request
 
-from geventconnpool import PoolClosed
+from geventconnpool import Address, PoolClosed
 from geventconnpool._lease import Entry
 
 pytest.importorskip("opentelemetry.sdk.metrics", reason="pip install opentelemetry-sdk to run these tests")
@@ -41,6 +41,7 @@ INSTRUMENTS = {
     "geventconnpool.connection.keepalive_failures": ("Sum", "{check}"),
     "geventconnpool.connection.overloaded": ("Sum", "{request}"),
 }
+ADDRESS_COUNT = "geventconnpool.connection.address.count"  # a pool made with address= only
 MONOTONIC = {
     "db.client.connection.timeouts",
     "geventconnpool.connection.checkouts",
@@ -88,6 +89,20 @@ def value(points, name: str, pool: str, **extra: str) -> Any:
         attributes[STATE] = extra["state"]
     point = points[(name, tuple(sorted(attributes.items())))]
     return getattr(point, "value", point)
+
+
+def addresses_of(points, pool: str) -> Dict[Address, int]:
+    """The connections per address that ADDRESS_COUNT reports for the pool named ``pool``."""
+    found = {}
+    for (name, attributes), point in points.items():
+        attributes = dict(attributes)
+        if name == ADDRESS_COUNT and attributes.pop(POOL_NAME) == pool:
+            assert set(attributes) == {"server.address", "server.port", "network.peer.address"}
+            address = Address(
+                attributes["server.address"], attributes["server.port"], attributes["network.peer.address"]
+            )
+            found[address] = point.value
+    return found
 
 
 def expected_from(stats) -> Dict[Tuple[str, str], int]:
@@ -220,4 +235,30 @@ def test_the_global_meter_provider_is_the_default(line_server, leak_check):
         otel.instrument(pool)
         pool.wait(timeout=5)
         assert request(pool, b"PING") == b"PONG"
+    leak_check()
+
+
+def test_the_connections_to_each_address_follow_connections_by_address(
+    servers, line_server, reader, leak_check
+):
+    """A pool made with address= reports its open connections per address, with the conventions'
+    server.address, server.port (an int) and network.peer.address, as connections_by_address() counts
+    them, also once the name resolves to a new address; a pool without address reports none; close()
+    stops the export."""
+    memory, provider = reader
+    with instrumented_pools(servers, line_server, lambda p: otel.instrument(p, provider), 6) as (pool, _):
+        exported_addresses_follow(pool, lambda: addresses_of(collect(memory)[0], "spread"))
+        points, metrics = collect(memory)
+        assert set(addresses_of(points, "spread")) == {Address(NAME, servers[0].port, ip) for ip in IPS[:3]}
+        metric = metrics[ADDRESS_COUNT]
+        assert (type(metric.data).__name__, metric.unit, metric.data.is_monotonic) == (
+            "Sum",
+            "{connection}",
+            False,
+        )
+        assert "address of the pool's remote end" in metric.description
+        assert addresses_of(points, "plain") == {}
+        assert value(points, "db.client.connection.max", "plain") == 1
+    points, _ = collect(memory)
+    assert addresses_of(points, "spread") == {}
     leak_check()

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Dict
 
 import pytest
-from doubles import FastLinePool, metrics_workload
+from doubles import IPS, NAME, FastLinePool, exported_addresses_follow, instrumented_pools, metrics_workload
 from helpers import LinePool, pool_greenlets, wait_until
 
-from geventconnpool import PoolClosed
+from geventconnpool import Address, PoolClosed
 
 pytest.importorskip("prometheus_client", reason="pip install prometheus_client to run these tests")
 from prometheus_client import CollectorRegistry, generate_latest, values
@@ -34,6 +34,21 @@ FIGURES: Dict[str, str] = {
     "geventconnpool_connection_keepalive_failures_total": "keepalive_failures",
     "geventconnpool_connection_overloaded_total": "overloaded",
 }
+
+
+ADDRESS_COUNT = "geventconnpool_connection_address_count"  # a pool made with address= only
+
+
+def addresses_of(registry: CollectorRegistry, pool: str) -> Dict[Address, float]:
+    """The connections per address that ADDRESS_COUNT reports for the pool named ``pool``."""
+    found = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            labels = dict(sample.labels)
+            if sample.name == ADDRESS_COUNT and labels.pop("pool") == pool:
+                assert set(labels) == {"host", "port", "ip"}
+                found[Address(labels["host"], int(labels["port"]), labels["ip"])] = sample.value
+    return found
 
 
 def assert_matches_stats(registry: CollectorRegistry, pool) -> None:
@@ -148,4 +163,58 @@ def test_multiprocess_mode_a_greenlet_publishes_and_stops_with_the_pool(
         )
     wait_until(lambda: greenlet.dead)
     assert merged.get_sample_value("geventconnpool_connection_max", {"pool": "mp-lines"}) == 0
+    # leak_check checks at the end, once multiprocess_mode has closed the client's files.
+
+
+def test_one_process_the_connections_to_each_address_follow_connections_by_address(
+    servers, line_server, leak_check
+):
+    """In one process a pool made with address= shows its open connections per address, labelled host,
+    port and ip, as connections_by_address() counts them, also once the name resolves to a new address;
+    a pool without address shows none; a closed pool disappears from the scrape."""
+    registry = CollectorRegistry()
+    port = servers[0].port
+    pools = instrumented_pools(servers, line_server, lambda p: prometheus.instrument(p, registry), 6)
+    with pools as (pool, _):
+        exported_addresses_follow(pool, lambda: addresses_of(registry, "spread"))
+        text = generate_latest(registry).decode()
+        assert "# TYPE geventconnpool_connection_address_count gauge" in text
+        labels = f'host="{NAME}",ip="{IPS[2]}",pool="spread",port="{port}"'
+        assert f"geventconnpool_connection_address_count{{{labels}}} 2.0" in text
+        assert addresses_of(registry, "plain") == {}
+        assert registry.get_sample_value("geventconnpool_connection_max", {"pool": "plain"}) == 1
+    assert addresses_of(registry, "spread") == {}
+    leak_check()
+
+
+def test_multiprocess_mode_an_address_that_left_the_answer_goes_to_zero(
+    servers, line_server, leak_check, multiprocess_mode
+):
+    """In multiprocess mode the publishing greenlet sets the gauge of each address; one that left the
+    name's answer goes to 0 once its connections are closed, not left at its last count; a pool without
+    address publishes no address series; closing the pool sets every address of it to 0."""
+    registry = CollectorRegistry()
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=str(multiprocess_mode))
+    port = servers[0].port
+    first, second = (Address(NAME, port, ip) for ip in IPS[:2])
+    pools = instrumented_pools(servers, line_server, lambda p: prometheus.instrument(p, registry), 4)
+    with pools as (pool, _):
+
+        def published(expected: Dict[Address, float]) -> bool:
+            return addresses_of(merged, "spread") == expected
+
+        wait_until(lambda: published({first: 2, second: 2}), interval=0.05)
+        assert pool.connections_by_address() == {first: 2, second: 2}
+        pool.answer = IPS[:1]
+        wait_until(
+            lambda: published({first: 4, second: 0}),
+            interval=0.05,
+            message=lambda: str(addresses_of(merged, "spread")),
+        )
+        assert pool.connections_by_address() == {first: 4}
+        assert addresses_of(merged, "plain") == {}
+        assert merged.get_sample_value("geventconnpool_connection_max", {"pool": "plain"}) == 1
+    wait_until(lambda: not [g for g in pool_greenlets() if g.name == "geventconnpool spread prometheus"])
+    assert addresses_of(merged, "spread") == {first: 0, second: 0}
     # leak_check checks at the end, once multiprocess_mode has closed the client's files.
