@@ -37,6 +37,11 @@ _now = time.monotonic
 # and all of it, so that connections opened together do not expire together.
 SHORTEST_LIFETIME = 0.9
 
+# With leak_warning, maintenance looks at the held connections this many times
+# per leak_warning: get() reads no clock, so a loan's start is known only as
+# the first look that finds it, and a warning comes at most a quarter late.
+LEAK_LOOKS = 4
+
 
 class Timed(Protocol):
     """What :func:`plan` reads of an entry: the times of its life."""
@@ -44,8 +49,8 @@ class Timed(Protocol):
     expires_at: float
     idle_since: float  # when a caller last gave it back (or it opened)
     checked_at: float  # when a keepalive or check_after check last found it working
-    lent_at: float
-    lent_from: Optional[FrameType]
+    lent_at: float  # when maintenance first saw the loan (0.0 until then)
+    lent_from: Optional[FrameType]  # where get() was called; None when not lent, or warned about already
 
 
 T = TypeVar("T", bound=Timed)
@@ -98,9 +103,8 @@ def plan(
     closed no sooner than ``max_idle / 4`` after.
     """
     shortest_lifetime = None if max_lifetime is None else max_lifetime * SHORTEST_LIFETIME
-    periods = [
-        p for p in (keepalive, shortest_lifetime, check_after, leak_warning, max_idle) if p is not None
-    ]
+    leak_looks = None if leak_warning is None else leak_warning / LEAK_LOOKS
+    periods = [p for p in (keepalive, shortest_lifetime, check_after, leak_looks, max_idle) if p is not None]
     result: Plan[T] = Plan(wake_at=now + min(periods))
     waiting = []
     for entry in idle:
@@ -141,10 +145,11 @@ def plan(
         for entry in entries:
             if entry.lent_from is None:
                 continue
-            if now - entry.lent_at >= leak_warning:
+            lent_at = entry.lent_at or now  # a loan not seen before began at most one look ago
+            if now - lent_at >= leak_warning:
                 result.leaked.append(entry)
             else:
-                result.wake_at = min(result.wake_at, entry.lent_at + leak_warning)
+                result.wake_at = min(result.wake_at, lent_at + leak_warning)
     return result
 
 
@@ -237,7 +242,16 @@ def maintain(pool: MaintainedPool[C]) -> float:
         entry.stale = True
     for entry in due.leaked:
         warn_leak(pool, entry, now)
+    if pool.leak_warning is not None:
+        note_loans(entries, now)
     return max(due.wake_at - _now(), 0.001)
+
+
+def note_loans(entries: Iterable[Entry[Any]], now: float) -> None:
+    """Note ``now`` as the start of each loan that maintenance sees for the first time."""
+    for entry in entries:
+        if entry.lent_from is not None and not entry.lent_at:
+            entry.lent_at = now
 
 
 def keepalive_check(pool_ref: weakref.ref[MaintainedPool[Any]], entry: Entry[Any]) -> None:
@@ -297,7 +311,7 @@ def warn_leak(pool: MaintainedPool[Any], entry: Entry[Any], now: float) -> None:
         line = line_at(frame.f_code, entry.lent_lasti)
         stack[-1] = traceback.FrameSummary(last.filename, line, last.name)
     logger.warning(
-        "pool %r: a connection has been held for %.1f s (leak_warning=%s); it was taken at:\n%s",
+        "pool %r: a connection has been held for at least %.1f s (leak_warning=%s); it was taken at:\n%s",
         pool.name,
         now - entry.lent_at,
         pool.leak_warning,

@@ -220,7 +220,9 @@ class ConnectionPool(Generic[C]):
     :param check_after: seconds; a connection idle at least that long is
         checked with :meth:`_keepalive` inside :meth:`get` before it is lent.
     :param leak_warning: seconds; a connection held longer than that logs one
-        warning with the stack of the :meth:`get` call that took it.
+        warning with the stack of the :meth:`get` call that took it (up to a
+        quarter of that later: :meth:`get` reads no clock, the maintenance
+        greenlet looks at the held connections four times per period).
     :param fail_fast: when true, :meth:`get` raises
         :class:`~geventconnpool.PoolUnavailable` at once while no connection is
         open and the last attempt to open one failed.
@@ -581,7 +583,7 @@ class ConnectionPool(Generic[C]):
             if not entry.stale:
                 self._checkouts += 1.0
                 if self._leak_warning is not None:
-                    entry.lent_at = _now()
+                    entry.lent_at = 0.0  # no clock read: maintenance notes when it first sees the loan
                     entry.lent_from = caller = _getframe(1)
                     entry.lent_lasti = caller.f_lasti
                 return entry
@@ -1095,7 +1097,7 @@ class ConnectionPool(Generic[C]):
         entry.loan = LENT
         self._checkouts += 1.0
         if caller is not None:
-            entry.lent_at = _now()
+            entry.lent_at = 0.0  # maintenance notes when it first sees the loan
             entry.lent_from = caller
             entry.lent_lasti = caller.f_lasti
         if waited_since is not None:

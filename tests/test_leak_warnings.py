@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import gevent
 from gevent.event import Event
@@ -17,12 +18,17 @@ def test_leak_warning_logs_once_per_loan_with_the_get_stack(line_server, leak_ch
     """
     with LinePool(line_server, 1, leak_warning=0.05, name="leaky") as pool:
         pool.wait(timeout=5)
+        taken = time.time()
         get_line = sys._getframe().f_lineno + 1
         with pool.get():
             wait_until(lambda: any("held" in r.getMessage() for r in pool_log.records(logging.WARNING)))
             gevent.sleep(0.2)  # four more leak_warning periods: still a single warning (a negative check)
-        warnings = [r.getMessage() for r in pool_log.records(logging.WARNING)]
+        records = pool_log.records(logging.WARNING)
+        warnings = [r.getMessage() for r in records]
         assert len(warnings) == 1, warnings
+        # Never early; at most a quarter of leak_warning late (maintenance looks four times per period),
+        # plus a margin for a loaded machine.
+        assert 0.05 <= records[0].created - taken < 0.05 * 1.25 + 0.5
         message = warnings[0]
         assert "leaky" in message
         assert "held for" in message

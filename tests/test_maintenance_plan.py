@@ -96,16 +96,19 @@ def test_a_pinged_connection_is_not_also_marked_stale():
 
 
 def test_leak_warning_names_loans_held_too_long_and_wakes_for_the_next():
-    """leak_warning=60 at t=100: a loan from t=30 is warned about, one from t=70 is due at 130, and an
-    entry already warned about (no frame kept) is not warned again."""
+    """leak_warning=60 at t=100: a loan first seen at t=30 is warned about, one seen at t=90 is due at 150,
+    and an entry already warned about (no frame kept) is not warned again.  get() reads no clock: a loan
+    not seen yet (lent_at 0) began at most a look ago, and maintenance looks every quarter of leak_warning,
+    so it wakes at 115."""
     held = [
         E(lent_at=30, lent_from=FRAME, name="leak"),
-        E(lent_at=70, lent_from=FRAME, name="young"),
+        E(lent_at=90, lent_from=FRAME, name="young"),
+        E(lent_at=0, lent_from=FRAME, name="new"),
         E(lent_at=10, lent_from=None, name="warned"),
     ]
     due = plan(100.0, [], held, **options(leak_warning=60.0))
     assert names(due.leaked) == ["leak"]
-    assert due.wake_at == 130.0
+    assert due.wake_at == 115.0
 
 
 def test_a_ping_restarts_keepalive_and_check_after_but_is_no_use():
