@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List
 
 import gevent
 import pytest
-from doubles import FastLinePool
+from doubles import IPS, FastAddressPool, FastLinePool
 from gevent.event import Event
 from helpers import LineServer, request, wait_until
 from test_fork import run_child, threaded_server  # noqa: F401 (a fixture: the server in its own thread)
@@ -120,6 +120,30 @@ def test_a_quiet_period_shrinks_to_min_size_one_close_per_quarter_of_max_idle(li
             assert len(pool.closed_at) == 3
             assert_within_bounds(pool)
             gevent.sleep(0.02)
+        assert request(pool, b"PING") == b"PONG"
+    leak_check()
+
+
+def test_an_elastic_pool_over_two_addresses_keeps_its_spread_as_it_grows_and_shrinks(servers, leak_check):
+    """Made with address=, an elastic pool opens min_size over both addresses, grows evenly under a burst,
+    and once max_idle has shrunk it back to min_size, rebalancing leaves one connection on each."""
+
+    def spread() -> List[int]:
+        by_ip = {a.ip: n for a, n in pool.connections_by_address().items()}
+        return [by_ip.get(ip, 0) for ip in IPS[:2]]
+
+    with FastAddressPool(
+        6, servers[0].port, IPS[:2], min_size=2, max_idle=MAX_IDLE, rebalance_every=0.05
+    ) as pool:
+        pool.wait(timeout=5)
+        assert spread() == [1, 1]
+        burst = Burst(pool, 6)
+        wait_until(lambda: len(burst.held) == 6, message=lambda: repr(pool))
+        assert spread() == [3, 3]
+        burst.end()
+        wait_until(lambda: pool.stats().retired == 4, message=lambda: repr(pool))
+        wait_until(lambda: spread() == [1, 1], message=lambda: str(spread()))
+        assert_within_bounds(pool)
         assert request(pool, b"PING") == b"PONG"
     leak_check()
 
