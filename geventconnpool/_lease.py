@@ -349,7 +349,28 @@ def wake(waiter: Waiter) -> None:
         greenlet.switch()  # switches
 
 
-class Orphanage:
+class StandIn:
+    """What stands in for a held entry's pool when the entry must not go back to its idle ones as it is.
+
+    A :class:`LendingPool` whose exits all lead to its ``_release``: every
+    error counts as one that breaks the connection, nobody ever waits, and
+    nothing is watched.  Its subclasses say what happens to an entry that
+    comes back (``_release``, ``_discard``, ``_reset_and_release``, and
+    ``_idle``, a :class:`ClosingIdle`).
+    """
+
+    _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)  # every error: the same way back
+    _waiters: Deque[Waiter] = deque()  # always empty: the exits never hand the entry to a waiter
+    _closed = True
+    _run_callback: Callable[..., Any] = print  # never called: nobody waits here
+    _handed: Deque[Waiter] = deque()
+    _wakeup_scheduled = True
+    _wake_handed: Callable[[], None] = print
+    _to_watch: List[Entry[Any]] = []  # never has any: nothing here is watched
+    _start_watchers: Callable[[], None] = staticmethod(_nothing)
+
+
+class Orphanage(StandIn):
     """Where the entries of a parent process go in a child after fork().
 
     A connection the parent opened may still be held by a greenlet that the
@@ -357,14 +378,7 @@ class Orphanage:
     nor closed (closing could send a goodbye on the parent's connection).
     """
 
-    _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)
-    _waiters: Deque[Waiter] = deque()  # never has any: nobody waits for an orphan
     _idle: Deque[Entry[Any]] = ClosingIdle(_forget)  # never has any: an orphan is never lent again
-    _closed = True
-    _run_callback: Callable[..., Any] = print  # never called: nobody waits for an orphan
-    _handed: Deque[Waiter] = deque()
-    _wakeup_scheduled = True
-    _wake_handed: Callable[[], None] = print
 
     def _release(self, entry: Entry[Any]) -> None:
         pass
@@ -374,9 +388,6 @@ class Orphanage:
 
     def _reset_and_release(self, entry: Entry[Any]) -> None:
         pass
-
-    _to_watch: List[Entry[Any]] = []  # never has any: nobody watches an orphan
-    _start_watchers: Callable[[], None] = staticmethod(_nothing)
 
 
 ORPHANAGE: LendingPool[Any] = Orphanage()

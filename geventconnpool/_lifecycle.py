@@ -17,7 +17,6 @@ import functools
 import itertools
 import logging
 import time
-from collections import deque
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -25,19 +24,17 @@ from typing import (
     Deque,
     Dict,
     Generic,
-    List,
     Optional,
     Protocol,
     Set,
     Tuple,
-    Type,
     TypeVar,
 )
 
 import gevent
 
 from geventconnpool import _arguments
-from geventconnpool._lease import ENTERED, ORPHANAGE, ClosingIdle, Entry, Waiter
+from geventconnpool._lease import ENTERED, ORPHANAGE, ClosingIdle, Entry, StandIn, Waiter
 from geventconnpool._maintenance import retire_now
 from geventconnpool._watching import unwatch
 
@@ -104,11 +101,7 @@ class LifecyclePool(Protocol[C]):
     def _stopping(self) -> bool: ...
 
 
-def _nothing() -> None:
-    pass
-
-
-class Diverted(Generic[C]):
+class Diverted(StandIn, Generic[C]):
     """What a held entry's ``pool`` becomes when it must not go back to the idle ones as it is.
 
     However its block ends (normally, with an error that breaks the
@@ -118,16 +111,6 @@ class Diverted(Generic[C]):
     The pool's own ``_release`` and ``_discard`` forward here too, for an
     entry that comes back from a check or an interrupted waiter.
     """
-
-    _exc_classes: Tuple[Type[BaseException], ...] = (BaseException,)  # every error: the same way back
-    _waiters: Deque[Waiter] = deque()  # always empty: the exits never hand this entry to a waiter
-    _closed = True
-    _run_callback: Callable[..., Any] = print  # never called: nobody waits here
-    _handed: Deque[Waiter] = deque()
-    _wakeup_scheduled = True
-    _wake_handed: Callable[[], None] = print
-    _to_watch: List[Entry[Any]] = []  # never has any: a diverted entry is never watched
-    _start_watchers: Callable[[], None] = staticmethod(_nothing)
 
     def __init__(self, pool: LifecyclePool[C], back: Callable[[Entry[C]], None]) -> None:
         self.pool = pool
