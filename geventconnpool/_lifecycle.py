@@ -28,6 +28,7 @@ from typing import (
     Protocol,
     Set,
     Tuple,
+    Type,
     TypeVar,
 )
 
@@ -58,6 +59,7 @@ class LifecyclePool(Protocol[C]):
     def min_size(self) -> int: ...
 
     _size: int
+    _exc_classes: Tuple[Type[BaseException], ...]
     _min_size: Optional[int]  # None: the same as _size
     _max_idle: Optional[float]
     _waiters: Deque[Waiter]
@@ -128,6 +130,23 @@ class Diverted(StandIn, Generic[C]):
         self._release(entry)  # no reset: the connection is not kept as it is
 
 
+class Recycling(Diverted[C]):
+    """What a held entry's ``pool`` becomes when the pool must not keep it (its address left the answer).
+
+    It comes back to be closed and replaced, counted in ``recycled``; but
+    one that broke in its block, or that its holder discards, is a broken
+    connection like any other: counted and logged as discarded.
+    """
+
+    def __init__(self, pool: LifecyclePool[C], why: str) -> None:
+        super().__init__(pool, functools.partial(_recycle_returned, pool, why))
+        self._exc_classes = pool._exc_classes  # the exits tell a broken connection from one given back
+
+    def _discard(self, entry: Entry[C], error: Optional[BaseException]) -> None:
+        entry.pool = self.pool  # type: ignore[assignment]
+        self.pool._discard(entry, error)  # switches
+
+
 def at_home(entry: Entry[C], pool: LifecyclePool[C]) -> bool:
     """Whether ``entry`` goes back to ``pool`` as usual: not diverted, nor orphaned by fork()."""
     return entry.pool is pool  # type: ignore[comparison-overlap]
@@ -158,7 +177,17 @@ def discard(pool: LifecyclePool[C], conn: C) -> None:
         raise ValueError(
             f"pool {pool.name!r}: discard() of a connection that no caller holds from this pool: {conn!r}"
         )
-    if at_home(entry, pool):  # not diverted already (discarded, or retired by a shrink)
+    mark_broken(pool, entry)
+
+
+def mark_broken(pool: LifecyclePool[C], entry: Entry[C]) -> None:
+    """Have a held entry closed and replaced as a broken one when it comes back.
+
+    Nothing changes for one closed when it comes back already (discarded
+    before, retired by a shrink or a drain); a connection to be recycled that
+    its holder finds broken is a broken one.
+    """
+    if at_home(entry, pool) or isinstance(entry.pool, Recycling):
         entry.pool = Diverted(pool, functools.partial(_discarded, pool))
 
 
@@ -185,8 +214,8 @@ def release(pool: LifecyclePool[C], conn: C, discard_it: bool) -> None:
             f"or that was released already: {conn!r}"
         )
     del pool._leases[id(conn)]
-    if discard_it and at_home(entry, pool):
-        entry.pool = Diverted(pool, functools.partial(_discarded, pool))
+    if discard_it:
+        mark_broken(pool, entry)
     entry.__exit__(None, None, None)  # switches
 
 
@@ -271,7 +300,7 @@ def _retire_returned(pool: LifecyclePool[C], entry: Entry[C]) -> None:
 def recycle_when_back(pool: LifecyclePool[C], entry: Entry[C], why: str) -> None:
     """Have a held entry closed and replaced when it comes back, rather than kept; ``why`` goes to the log."""
     if at_home(entry, pool):  # else it is closed when it comes back already (discarded, retired, drained)
-        entry.pool = Diverted(pool, functools.partial(_recycle_returned, pool, why))
+        entry.pool = Recycling(pool, why)
 
 
 def _recycle_returned(pool: LifecyclePool[C], why: str, entry: Entry[C]) -> None:

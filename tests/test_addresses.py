@@ -473,3 +473,41 @@ def test_connections_to_an_address_that_left_the_answer_retire_when_idle_or_back
         for _ in range(4):
             assert request(pool, b"PING") == b"PONG"
     leak_check()
+
+
+@pytest.mark.parametrize("how", ["raises", "discard", "release"])
+def test_a_held_connection_to_an_address_that_left_which_breaks_counts_as_discarded(servers, how, leak_check):
+    """A held connection to an address that left the answer, which its holder then finds broken (its
+    block raises one of exc_classes, it calls discard(), or release(c, discard=True)), is closed and
+    replaced as a broken one: counted in discarded, not recycled."""
+    port = servers[0].port
+    with FastAddressPool(2, port, IPS[:2], resolve_every=0.05, rebalance_every=0.05) as pool:
+        pool.wait(timeout=5)
+        leases = [pool.get() for _ in range(2)]
+        conns = [lease.__enter__() for lease in leases]
+        held = next(i for i, c in enumerate(conns) if c.getpeername()[0] == IPS[1])
+        leases[1 - held].__exit__(None, None, None)
+        if how == "release":  # the same connection, lent again by acquire()
+            leases[held].__exit__(None, None, None)
+            conn = pool.acquire()
+            while conn.getpeername()[0] != IPS[1]:
+                other, conn = conn, pool.acquire()
+                pool.release(other)
+            entry = next(e for e in pool._entries if e.conn is conn)
+        else:
+            conn, entry = conns[held], leases[held]
+        pool.answer = IPS[:1]
+        # The entry holding the connection: the rebalancing pass has marked it, to be recycled when back.
+        wait_until(lambda: entry.pool is not pool)
+        if how == "discard":
+            pool.discard(conn)
+            entry.__exit__(None, None, None)
+        elif how == "release":
+            pool.release(conn, discard=True)
+        else:
+            entry.__exit__(OSError, OSError("broken"), None)
+        assert conn.fileno() == -1
+        wait_until(lambda: counts(pool) == [2], message=lambda: str(counts(pool)))
+        stats = pool.stats()
+        assert (stats.discarded, stats.recycled) == (1, 0)
+    leak_check()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Dict
 
+import gevent
 import pytest
 from doubles import IPS, NAME, FastLinePool, exported_addresses_follow, instrumented_pools, metrics_workload
-from helpers import LinePool, pool_greenlets, wait_until
+from helpers import LinePool, pool_greenlets, request, wait_until
 
 from geventconnpool import Address, PoolClosed
+from geventconnpool._figures import BUCKETS
 
 pytest.importorskip("prometheus_client", reason="pip install prometheus_client to run these tests")
 from prometheus_client import CollectorRegistry, generate_latest, values
@@ -84,6 +86,31 @@ def test_one_process_a_collector_reads_stats_at_each_scrape(line_server, leak_ch
         prometheus.uninstrument(pool)
         assert registry.get_sample_value("geventconnpool_connection_max", labels) is None
         assert sample("geventconnpool_connection_create_time_seconds_count", labels) is None
+    leak_check()
+
+
+def test_one_process_a_wait_lands_in_its_bucket_and_sum(line_server, leak_check):
+    """One caller waits about 60 ms for the only connection: the wait_time histogram has one observation,
+    in every bucket from the first bound at or above its sum, as prometheus_client's own would."""
+    registry = CollectorRegistry()
+    with LinePool(line_server, 1, name="one-wait") as pool:
+        prometheus.instrument(pool, registry)
+        pool.wait(timeout=5)
+        with pool.get():
+            waiter = gevent.spawn(request, pool, b"PING")
+            wait_until(lambda: pool.stats().waiting == 1)
+            gevent.sleep(0.06)  # the wait to measure: held that long while the waiter waits
+        assert waiter.get(timeout=5) == b"PONG"
+        labels = {"pool": "one-wait"}
+        name = "geventconnpool_connection_wait_time_seconds"
+        waited = registry.get_sample_value(name + "_sum", labels)
+        assert waited >= 0.06
+        assert registry.get_sample_value(name + "_count", labels) == 1
+        for bound in (*BUCKETS, float("inf")):
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            expected = 1 if waited <= bound else 0
+            assert registry.get_sample_value(name + "_bucket", {**labels, "le": le}) == expected, le
+        assert f"# TYPE {name} histogram" in generate_latest(registry).decode()
     leak_check()
 
 
