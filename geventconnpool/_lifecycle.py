@@ -152,6 +152,16 @@ def at_home(entry: Entry[C], pool: LifecyclePool[C]) -> bool:
     return entry.pool is pool  # type: ignore[comparison-overlap]
 
 
+def in_its_slot(entry: Entry[C], pool: LifecyclePool[C]) -> bool:
+    """Whether ``entry``, or its replacement, keeps its place in ``pool``'s size when it comes back.
+
+    True at home, and for one to be recycled (its replacement takes the
+    place); false for one already bound to be discarded, retired or orphaned.
+    A holder's discard() and a shrink may still change what happens to it.
+    """
+    return entry.pool is pool or isinstance(entry.pool, Recycling)  # type: ignore[comparison-overlap]
+
+
 # -- discard ----------------------------------------------------------------------------------
 
 
@@ -187,7 +197,7 @@ def mark_broken(pool: LifecyclePool[C], entry: Entry[C]) -> None:
     before, retired by a shrink or a drain); a connection to be recycled that
     its holder finds broken is a broken one.
     """
-    if at_home(entry, pool) or isinstance(entry.pool, Recycling):
+    if in_its_slot(entry, pool):
         entry.pool = Diverted(pool, functools.partial(_discarded, pool))
 
 
@@ -278,7 +288,7 @@ def resize(pool: LifecyclePool[C], size: int) -> None:
     pool._to_retire += cancelled
     surplus -= cancelled
     # Then held ones (by a caller, or by a check): closed when they come back.
-    for entry in [e for e in pool._entries if at_home(e, pool)][:surplus]:
+    for entry in [e for e in pool._entries if in_its_slot(e, pool)][:surplus]:
         _retire_later(pool, entry)
         surplus -= 1
     # A held entry already discarded by its holder is replaced when it comes back: one slot more to cancel.

@@ -475,6 +475,34 @@ def test_connections_to_an_address_that_left_the_answer_retire_when_idle_or_back
     leak_check()
 
 
+def test_a_shrink_while_connections_to_a_departed_address_are_held_retires_them(servers, leak_check):
+    """Both held connections go to addresses that left the answer, then the pool shrinks to 1: one of them
+    is retired (closed for good when back), the other replaced on the new address; the gauges never go
+    negative on the way."""
+    port = servers[0].port
+    with FastAddressPool(2, port, IPS[:2], resolve_every=0.05, rebalance_every=0.05) as pool:
+        pool.wait(timeout=5)
+        leases = [pool.get() for _ in range(2)]
+        for lease in leases:
+            lease.__enter__()
+        pool.answer = IPS[2:3]
+        # The leases are the pool's entries: the rebalancing pass has marked both, to be recycled when back.
+        wait_until(lambda: all(lease.pool is not pool for lease in leases))
+        pool.resize(1)
+        s = pool.stats()
+        assert (s.size, s.in_use, s.connecting, s.retiring) == (1, 1, 0, 1)
+        for lease in leases:
+            lease.__exit__(None, None, None)
+        wait_until(
+            lambda: pool.connections_by_address() == {Address(NAME, port, IPS[2]): 1},
+            message=lambda: str(pool.connections_by_address()),
+        )
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.connecting, s.retiring, s.retired, s.recycled) == (1, 0, 0, 0, 1, 1)
+        assert request(pool, b"PING") == b"PONG"
+    leak_check()
+
+
 @pytest.mark.parametrize("how", ["raises", "discard", "release"])
 def test_a_held_connection_to_an_address_that_left_which_breaks_counts_as_discarded(servers, how, leak_check):
     """A held connection to an address that left the answer, which its holder then finds broken (its
