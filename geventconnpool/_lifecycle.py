@@ -159,7 +159,7 @@ def in_its_slot(entry: Entry[C], pool: LifecyclePool[C]) -> bool:
     place); false for one already bound to be discarded, retired or orphaned.
     A holder's discard() and a shrink may still change what happens to it.
     """
-    return entry.pool is pool or isinstance(entry.pool, Recycling)  # type: ignore[comparison-overlap]
+    return at_home(entry, pool) or isinstance(entry.pool, Recycling)
 
 
 # -- discard ----------------------------------------------------------------------------------
